@@ -1,0 +1,23 @@
+from setuptools import setup
+
+setup(
+    name="lowrank",
+    version="0.1.0",
+    description="Exact and fast parameter-efficient fine-tuning (LoRA, soft prompts) of GPT-2 and T5, with Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["lowrank", "kernels", "models"],
+    install_requires=[
+        "numpy>=1.24",
+        "torch>=2.4",
+        "safetensors>=0.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "interop": ["transformers>=4.45", "peft>=0.13", "tokenizers>=0.19"],
+        "bench": ["matplotlib>=3.7"],
+    },
+)
