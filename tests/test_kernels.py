@@ -176,7 +176,8 @@ def test_custom_op_registration_passes_opcheck():
     torch.library.opcheck(lora_matmul_op, args)
 
 
-def test_torch_compile_traces_without_graph_break():
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_torch_compile_traces_without_graph_break(backend_name):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 16, generator=gen)
     W, A, B = torch.randn(16, 10, generator=gen), torch.randn(16, 2, generator=gen), torch.randn(2, 10, generator=gen)
@@ -184,8 +185,10 @@ def test_torch_compile_traces_without_graph_break():
     def f(x):
         return torch.relu(kernels.lora_matmul(x, W, A, B, 2.0)).sum(-1)
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x), f(x))
+    with backend(backend_name):
+        torch._dynamo.reset()
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), f(x))
 
 
 def _operands(K=8, N=6, r=2, dtype=torch.float32):
