@@ -1,6 +1,7 @@
 """Fused LoRA matmul kernels: `y = x @ W + s * (x @ A) @ B + bias`.
 
-`lora_matmul` is the public entry. CUDA tensors run the Triton kernels
+`lora_matmul` is the public entry; `lora_matmul_batched` is the mixed-adapter
+form, one adapter per row (kernels/batched.py). CUDA tensors run the Triton kernels
 (kernels/lora_triton.py); other devices run the same semantics in torch
 (kernels/torch_ref.py). NumPy float64 references live in kernels/reference.py.
 """
@@ -9,10 +10,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .autograd import lora_matmul_op, use_triton
-from .torch_ref import lora_fwd_torch
+from .autograd import lora_matmul_batched_op, lora_matmul_op, use_triton
+from .torch_ref import lora_batched_fwd_torch, lora_fwd_torch
 
-__all__ = ["lora_matmul", "use_triton"]
+__all__ = ["lora_matmul", "lora_matmul_batched", "use_triton"]
 
 
 def _check(x: Tensor, w: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor]) -> None:
@@ -63,4 +64,44 @@ def lora_matmul(x: Tensor, W: Tensor, A: Tensor, B: Tensor, scale: float, bias: 
         # Plain torch ops: autograd and torch.compile see through them, and eager
         # calls skip the custom op's dispatch cost (about 0.1 ms, a decode step's worth).
         y, _ = lora_fwd_torch(x2, W, A, B, float(scale), bias)
+    return y.reshape(*x.shape[:-1], W.shape[1])
+
+
+def _check_batched(x, w, a_stack, b_stack, scales, adapter_index, bias) -> None:
+    if a_stack.dim() != 3 or b_stack.dim() != 3:
+        raise ValueError(f"lora_matmul_batched: expected A_stack (n, K, r) and B_stack (n, r, N); got "
+                         f"{tuple(a_stack.shape)} and {tuple(b_stack.shape)}")
+    n, K = a_stack.shape[:2]
+    if n < 1 or b_stack.shape[0] != n:
+        raise ValueError(f"lora_matmul_batched: A_stack holds {n} adapters and B_stack {b_stack.shape[0]}; "
+                         "need the same number, at least 1")
+    _check(x, w, a_stack[0], b_stack[0], bias)
+    if scales.shape != (n,):
+        raise ValueError(f"lora_matmul_batched: scales has shape {tuple(scales.shape)}, expected ({n},)")
+    if adapter_index.dtype not in (torch.int32, torch.int64) or adapter_index.numel() != x.numel() // max(K, 1):
+        raise ValueError(f"lora_matmul_batched: adapter_index must be int32/int64 with one entry per row of x "
+                         f"({x.numel() // max(K, 1)}); got {adapter_index.dtype} {tuple(adapter_index.shape)}")
+    if adapter_index.numel() and (int(adapter_index.min()) < -1 or int(adapter_index.max()) >= n):
+        raise ValueError(f"lora_matmul_batched: adapter_index values must lie in [-1, {n - 1}]; got "
+                         f"[{int(adapter_index.min())}, {int(adapter_index.max())}]")
+
+
+def lora_matmul_batched(x: Tensor, W: Tensor, A_stack: Tensor, B_stack: Tensor, scales, adapter_index: Tensor,
+                        bias: Optional[Tensor] = None) -> Tensor:
+    """Mixed-adapter LoRA: y[m] = x[m] @ W + s[i] * (x[m] @ A_stack[i]) @ B_stack[i] + bias, i = adapter_index[m].
+
+    x: (..., K); W: (K, N); A_stack: (n, K, r); B_stack: (n, r, N), any strides
+    (adapters of lower rank zero-padded to r); scales: (n,) tensor or sequence
+    of floats; adapter_index: (...) integer, one per row of x, -1 = base only.
+    One launch per call on CUDA whatever the mix of adapters. Returns (..., N).
+    Differentiable in x, A_stack, B_stack, bias.
+    """
+    scales = torch.as_tensor(scales, dtype=torch.float32, device=x.device)
+    _check_batched(x, W, A_stack, B_stack, scales, adapter_index, bias)
+    x2, index = x.reshape(-1, x.shape[-1]), adapter_index.reshape(-1).to(x.device)
+    if use_triton(x):
+        order = torch.argsort(index, stable=True)
+        y, _ = lora_matmul_batched_op(x2, W, A_stack, B_stack, scales, order, index[order].to(torch.int32), bias)
+    else:
+        y = lora_batched_fwd_torch(x2, W, A_stack, B_stack, scales, index, bias)
     return y.reshape(*x.shape[:-1], W.shape[1])

@@ -78,3 +78,55 @@ def _backward(ctx, dy: Tensor, _dxa: Tensor):
 
 
 lora_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("lowrank::lora_matmul_batched", mutates_args=())
+def lora_matmul_batched_op(x: Tensor, w: Tensor, a_stack: Tensor, b_stack: Tensor, scales: Tensor,
+                           order: Tensor, idx_sorted: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Triton mixed-adapter forward: (y (M, N), xa (M, r) in sorted row order). See kernels/batched.py."""
+    from .batched import lora_batched_fwd
+
+    return lora_batched_fwd(x, w, a_stack, b_stack, scales, order, idx_sorted, bias)
+
+
+@lora_matmul_batched_op.register_fake
+def _(x, w, a_stack, b_stack, scales, order, idx_sorted, bias):
+    return x.new_empty((x.shape[0], w.shape[1])), x.new_empty((x.shape[0], a_stack.shape[2]))
+
+
+def _setup_batched_context(ctx, inputs, output):
+    x, w, a_stack, b_stack, scales, order, idx_sorted, bias = inputs
+    ctx.save_for_backward(x, w, a_stack, b_stack, scales, order, idx_sorted, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _batched_backward(ctx, dy: Tensor, _dxa: Tensor):
+    """Per row m with adapter i (g = dY @ B_i.T): dX as in the single-adapter case, on
+    the transposed stacks; dA_i and dB_i sum over the rows of adapter i, one
+    contiguous segment of the sorted order each."""
+    x, w, a_stack, b_stack, scales, order, idx_sorted, xa = ctx.saved_tensors
+    need_dx, need_dw, need_da, need_db = ctx.needs_input_grad[:4]
+    dx, g = lora_matmul_batched_op(dy, w.T, b_stack.transpose(1, 2), a_stack.transpose(1, 2),
+                                   scales, order, idx_sorted, None)
+    da = torch.zeros_like(a_stack) if need_da else None
+    db = torch.zeros_like(b_stack) if need_db else None
+    if need_da or need_db:
+        counts = torch.bincount(idx_sorted.long() + 1, minlength=a_stack.shape[0] + 1).tolist()
+        start = counts[0]  # base-only rows sort first
+        for i, count in enumerate(counts[1:]):
+            if count == 0:
+                continue
+            seg = slice(start, start + count)
+            rows = order[seg]
+            s = scales[i].to(x.dtype)
+            if need_da:
+                da[i] = (x.index_select(0, rows).T @ g[seg]) * s
+            if need_db:
+                db[i] = (xa[seg].T @ dy.index_select(0, rows)) * s
+            start += count
+    dw = x.T @ dy if need_dw else None
+    dbias = dy.sum(0) if ctx.needs_input_grad[7] else None
+    return dx if need_dx else None, dw, da, db, None, None, None, dbias
+
+
+lora_matmul_batched_op.register_autograd(_batched_backward, setup_context=_setup_batched_context)

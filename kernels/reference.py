@@ -38,3 +38,31 @@ def merged_weight(W, A, B, scale):
     """W' = W + s * A @ B, (K, N): the dense weight the fused product must equal."""
     W, A, B = _f64(W, A, B)
     return W + scale * (A @ B)
+
+
+def lora_batched_forward(x, W, A_stack, B_stack, scales, adapter_index, bias=None):
+    """Mixed-adapter y (M, N), row by row: y[m] = x[m] @ W + s[i] * (x[m] @ A[i]) @ B[i] (+ bias), i = index[m].
+
+    A_stack (n, K, r), B_stack (n, r, N), scales (n,), adapter_index (M,) with -1 = base only.
+    """
+    x, W, A_stack, B_stack, scales, bias = _f64(x, W, A_stack, B_stack, scales, bias)
+    y = x @ W
+    for m, i in enumerate(np.asarray(adapter_index)):
+        if i >= 0:
+            y[m] += scales[i] * ((x[m] @ A_stack[i]) @ B_stack[i])
+    return y if bias is None else y + bias
+
+
+def lora_batched_backward(x, W, A_stack, B_stack, scales, adapter_index, dY):
+    """Gradients (dX, dA_stack, dB_stack, dbias) of the mixed-adapter product, row by row."""
+    x, W, A_stack, B_stack, scales, dY = _f64(x, W, A_stack, B_stack, scales, dY)
+    dX = dY @ W.T
+    dA, dB = np.zeros_like(A_stack), np.zeros_like(B_stack)
+    for m, i in enumerate(np.asarray(adapter_index)):
+        if i < 0:
+            continue
+        g = dY[m] @ B_stack[i].T
+        dX[m] += scales[i] * (g @ A_stack[i].T)
+        dA[i] += scales[i] * np.outer(x[m], g)
+        dB[i] += scales[i] * np.outer(x[m] @ A_stack[i], dY[m])
+    return dX, dA, dB, dY.sum(axis=0)

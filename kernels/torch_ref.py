@@ -15,3 +15,21 @@ def lora_fwd_torch(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.T
     y = x @ w if bias is None else torch.addmm(bias, x, w)
     y.addmm_(xa, b, alpha=scale)
     return y, xa
+
+
+def lora_batched_fwd_torch(x: torch.Tensor, w: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
+                           scales: torch.Tensor, adapter_index: torch.Tensor,
+                           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mixed-adapter y (M, N): the base product for every row, then each adapter's rows updated.
+
+    x (M, K), w (K, N), a_stack (n, K, r), b_stack (n, r, N), scales (n,),
+    adapter_index (M,) with -1 = base only. Differentiable through torch autograd.
+    """
+    y = x @ w if bias is None else torch.addmm(bias, x, w)
+    for i in adapter_index.unique().tolist():
+        if i < 0:
+            continue
+        rows = (adapter_index == i).nonzero().squeeze(1)
+        delta = (x.index_select(0, rows) @ a_stack[i]) @ b_stack[i]
+        y = y.index_add(0, rows, delta, alpha=float(scales[i]))
+    return y
