@@ -10,6 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Test tensors are tiny: a second intra-op thread only adds contention, which on a
+# busy 2-core machine made the suite several times slower. LOWRANK_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("LOWRANK_TEST_THREADS", "1")))
+
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
