@@ -23,7 +23,7 @@ settings.register_profile("ci", max_examples=25, derandomize=True, print_blob=Tr
 settings.register_profile("gpu", max_examples=100, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
-# Relative tolerances by dtype (atol scales with the output's magnitude in `assert_close_rel`).
+# Relative tolerances by dtype; tests scale them by the magnitude of the reference.
 TOLERANCE = {
     torch.float64: 1e-10,
     torch.float32: 1e-5,

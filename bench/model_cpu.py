@@ -1,0 +1,127 @@
+"""Is our GPT-2 at least as fast as transformers' on a CPU, for the same weights and threads?
+
+    prefill: model(ids) with full logits, batch 1 x T tokens, no cache       -> tokens/s
+    decode:  (generate(n new) - generate(1 new)) / (n - 1), greedy, each
+             library's own generate with its KV cache                        -> ms/token
+    load:    from_pretrained of one saved safetensors folder (page cache warm) -> ms
+
+Random GPT-2-small-shaped weights (no download), fp32. Ours and transformers' run interleaved
+(alternating order each repeat) after a warm-up; figures are medians with p20/p80. Both models
+are checked to agree (logits, greedy tokens) before anything is timed.
+
+Prints a table whose last line is the headline ratios (> 1: ours is faster) and writes JSON rows.
+Usage: python bench/model_cpu.py [--quick] [--threads N] [--repeats R] [--json PATH]
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models  # noqa: E402
+from bench.common import run_info, write_json  # noqa: E402
+
+SHAPES = {
+    "full": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
+    "quick": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=128),
+}
+LENGTHS = {"full": dict(prefill=512, prompt=64, new=33), "quick": dict(prefill=64, prompt=8, new=9)}
+
+
+def interleaved(fns: dict, warmup: int, repeats: int) -> dict:
+    """{name: (median, p20, p80) ms} of each fn(), run in alternating order after `warmup` calls each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in list(fns)[:: 1 if r % 2 == 0 else -1]:
+            start = time.perf_counter()
+            fns[name]()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    quantiles = {name: statistics.quantiles(s, n=10) for name, s in samples.items()}
+    return {name: (statistics.median(s), quantiles[name][1], quantiles[name][7]) for name, s in samples.items()}
+
+
+def check_agreement(ours, hf, ids, new):
+    with torch.inference_mode():
+        diff = (ours(ids).logits - hf(ids, use_cache=False).logits).abs().max().item()
+        same = torch.equal(models.generate(ours, ids[:, :8], max_new_tokens=new),
+                           hf.generate(ids[:, :8], max_new_tokens=new, min_new_tokens=new, do_sample=False))
+    if not same or diff > 1e-3:
+        raise SystemExit(f"models disagree: max |logit diff| {diff:.2e}, greedy tokens equal: {same}")
+    return diff
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model and lengths (smoke test)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 3)")
+    parser.add_argument("--json", default="bench/out/model_cpu.json")
+    args = parser.parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    mode = "quick" if args.quick else "full"
+    shape, lengths = SHAPES[mode], LENGTHS[mode]
+    repeats = args.repeats or (3 if args.quick else 5)
+
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape, bos_token_id=0, eos_token_id=0)).eval()
+    hf.generation_config.pad_token_id = 0
+    folder = tempfile.mkdtemp(prefix="model_cpu_")
+    hf.save_pretrained(folder)
+    ours = models.from_pretrained(folder)
+    ids = torch.randint(0, shape["vocab_size"], (1, lengths["prefill"]))
+    diff = check_agreement(ours, hf, ids, 4)
+
+    prompt, new = ids[:, : lengths["prompt"]], lengths["new"]
+    ours_gen = lambda n: models.generate(ours, prompt, max_new_tokens=n)
+    hf_gen = lambda n: hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    with torch.inference_mode():
+        prefill = interleaved({"ours": lambda: ours(ids).logits, "hf": lambda: hf(ids, use_cache=False).logits},
+                              warmup=2, repeats=repeats)
+        decode = interleaved({"ours_n": lambda: ours_gen(new), "ours_1": lambda: ours_gen(1),
+                              "hf_n": lambda: hf_gen(new), "hf_1": lambda: hf_gen(1)}, warmup=1, repeats=repeats)
+    load = interleaved({"ours": lambda: models.from_pretrained(folder),
+                        "hf": lambda: transformers.GPT2LMHeadModel.from_pretrained(folder)}, warmup=1, repeats=repeats)
+
+    tokens = ids.numel()
+    per_token = lambda who: (decode[f"{who}_n"][0] - decode[f"{who}_1"][0]) / (new - 1)
+    rows = [
+        dict(metric="prefill_tokens_per_s", ours=tokens / prefill["ours"][0] * 1e3,
+             transformers=tokens / prefill["hf"][0] * 1e3,
+             ours_ms_p20_p80=prefill["ours"][1:], transformers_ms_p20_p80=prefill["hf"][1:], tokens=tokens),
+        dict(metric="decode_ms_per_token", ours=per_token("ours"), transformers=per_token("hf"),
+             prompt=lengths["prompt"], new_tokens=new),
+        dict(metric="load_ms", ours=load["ours"][0], transformers=load["hf"][0],
+             ours_ms_p20_p80=load["ours"][1:], transformers_ms_p20_p80=load["hf"][1:]),
+    ]
+    rows[0]["ratio"] = rows[0]["ours"] / rows[0]["transformers"]
+    for row in rows[1:]:
+        row["ratio"] = row["transformers"] / row["ours"]  # times: > 1 means ours is faster
+    info = {**run_info(), "transformers": transformers.__version__, "mode": mode, "shape": str(shape),
+            "max_abs_logit_diff": f"{diff:.2e}", "repeats": str(repeats)}
+    for row in rows:
+        row.update(shape=shape, dtype="float32")
+    write_json(args.json, info, rows)
+
+    print(f"GPT-2 {mode} {shape}, fp32, {args.threads} threads, {info['device']}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; max |logit diff| {diff:.1e}")
+    print(f"{'metric':<24}{'ours':>12}{'transformers':>14}{'ratio':>8}")
+    for row in rows:
+        print(f"{row['metric']:<24}{row['ours']:>12.2f}{row['transformers']:>14.2f}{row['ratio']:>8.2f}")
+    print("ours vs transformers (>1 = ours faster): " + ", ".join(
+        f"{name} {row['ratio']:.2f}x" for name, row in zip(("prefill", "decode", "load"), rows)))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

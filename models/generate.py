@@ -1,0 +1,62 @@
+"""KV-cache generation as plain functions (gpt-fast style), for any model with this protocol:
+
+    cache, logits = model.prefill(input_ids, attention_mask)   # logits (B, V) for the next token
+    logits = model.decode_step(cache, tokens)                  # tokens (B,); updates cache in place
+    model.generation_prefix(input_ids) -> (B, P)               # what precedes the new tokens in the output
+"""
+from typing import Optional, Sequence, Union
+
+import torch
+
+
+def sample_next(logits, do_sample=False, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next tokens (B,) long: argmax, or a sample after temperature, top-k, then top-p
+    (the order transformers applies them)."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits.float() / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass; the first always stays.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, temperature=1.0,
+             top_k=None, top_p=None, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+             pad_token_id=None, seed=None):
+    """input_ids (B, T), left-padded where attention_mask (B, T) is 0 -> (B, P + n) long, n <= max_new_tokens:
+    generation_prefix(input_ids) followed by the new tokens. After a row emits an eos token it gets
+    pad_token_id (default: the first eos id); generation stops when every row has finished.
+    seed makes sampling reproducible (a private torch.Generator)."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=input_ids.device).flatten()
+    pad = pad_token_id if pad_token_id is not None else (None if eos is None else int(eos[0]))
+    finished = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+    new_tokens = []
+    cache, logits = model.prefill(input_ids, attention_mask)
+    for step in range(max_new_tokens):
+        tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        if eos is not None:
+            tokens = tokens.masked_fill(finished, pad)
+            finished |= torch.isin(tokens, eos)
+        new_tokens.append(tokens)
+        if step + 1 == max_new_tokens or (eos is not None and finished.all()):
+            break
+        logits = model.decode_step(cache, tokens)
+    prefix = model.generation_prefix(input_ids)
+    return torch.cat([prefix, torch.stack(new_tokens, dim=1).to(prefix.dtype)], dim=1) if new_tokens else prefix

@@ -1,0 +1,382 @@
+"""GPT-2 as plain torch modules, with Hugging Face parameter names (FORMATS.md A).
+
+Parameters are named as in transformers' state dict (`transformer.h.0.attn.c_attn.weight`, ...),
+so a checkpoint loads by name and a PEFT adapter key maps 1:1 onto a module.
+"""
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .activations import ACTIVATIONS
+from .outputs import ModelOutput
+
+
+# Checkpoint buffers from older transformers (causal mask, mask fill value): derived, not learned.
+_IGNORED_KEY_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".crossattention.bias", ".crossattention.masked_bias")
+
+
+@dataclass
+class GPT2Config:
+    """transformers' GPT2Config fields and defaults; `extra` keeps unknown config.json keys."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: Optional[int] = None
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    tie_word_embeddings: bool = True
+    add_cross_attention: bool = False
+    bos_token_id: Optional[int] = 50256
+    eos_token_id: Optional[int] = 50256
+    pad_token_id: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+    model_type = "gpt2"
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPT2Config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"GPT2Config: activation_function={self.activation_function!r} "
+                             f"is not one of {sorted(ACTIVATIONS)}")
+        if self.add_cross_attention:
+            raise ValueError("GPT2Config: add_cross_attention=True (GPT-2 with cross-attention) is not supported")
+
+    # transformers' generic attribute names, used by PEFT-style code that handles several models.
+    hidden_size = property(lambda self: self.n_embd)
+    num_attention_heads = property(lambda self: self.n_head)
+    num_hidden_layers = property(lambda self: self.n_layer)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPT2Config":
+        names = {f.name for f in fields(cls)} - {"extra"}
+        extra = {k: v for k, v in d.items() if k not in names and k not in ("model_type", "architectures")}
+        return cls(**{k: v for k, v in d.items() if k in names}, extra=extra)
+
+    def to_dict(self) -> dict:
+        """config.json content that transformers loads as a GPT2LMHeadModel."""
+        d = asdict(self)
+        extra = d.pop("extra")
+        return {**extra, **d, "model_type": self.model_type, "architectures": ["GPT2LMHeadModel"]}
+
+
+class Conv1D(nn.Module):
+    """y = x @ weight + bias, with weight stored (in_features, out_features) as in transformers' GPT-2.
+
+    x: (..., in_features) -> (..., out_features).
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x):
+        y = torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def attention_mask_for(key_mask, n_new: int, n_keys: int, device):
+    """The mask for n_new queries that follow n_keys - n_new cached keys: (attn_mask, is_causal) for SDPA.
+
+    key_mask: None or (B, n_keys), nonzero for real tokens. Returns attn_mask None (with is_causal
+    telling SDPA to build the plain causal mask itself) or bool, True = attend: (n_new, n_keys) without
+    key_mask, else (B, 1, n_new, n_keys).
+    A query always sees its own key, so a padding query never has an all-masked row (whose NaNs would
+    reach real tokens through the next layer's values).
+    """
+    n_past = n_keys - n_new
+    if key_mask is None and (n_past == 0 or n_new == 1):
+        return None, n_past == 0 and n_new > 1
+    query_pos = torch.arange(n_past, n_keys, device=device)[:, None]
+    key_pos = torch.arange(n_keys, device=device)
+    allowed = key_pos <= query_pos
+    if key_mask is not None:
+        allowed = (allowed & key_mask.bool()[:, None, None, :]) | (key_pos == query_pos)
+    return allowed, False
+
+
+class ConcatCache:
+    """The public KV layout (FORMATS A.5): one (k, v) per layer, each (B, H, T, head_dim), before
+    scaling. New keys/values are concatenated, so gradients flow into a learned prefix."""
+
+    def __init__(self, past, n_layer: int):
+        if past is not None and len(past) != n_layer:
+            raise ValueError(f"past_key_values has {len(past)} layers, the model has n_layer={n_layer}")
+        self.layers = list(past) if past is not None else [None] * n_layer
+        self.length = past[0][0].size(2) if past is not None else 0
+
+    def update(self, layer: int, k, v):
+        if self.layers[layer] is not None:
+            k = torch.cat([self.layers[layer][0], k], dim=2)
+            v = torch.cat([self.layers[layer][1], v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+class KVCache:
+    """Generation cache, gpt-fast style: preallocated k/v buffers (n_layer, B, H, capacity, head_dim)
+    valid up to `length`; key_mask (B, capacity) bool, None when no row is padded; positions (B,),
+    each row's next position id. Written in place; capacity doubles when full."""
+
+    def __init__(self, config: GPT2Config, batch: int, capacity: int, dtype, device, key_mask):
+        shape = (config.n_layer, batch, config.n_head, capacity, config.n_embd // config.n_head)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.key_mask = None
+        if key_mask is not None:
+            self.key_mask = torch.ones(batch, capacity, dtype=torch.bool, device=device)
+            self.key_mask[:, : key_mask.size(1)] = key_mask.bool()
+        self.positions = None
+        self.length = 0
+        self.max_length = config.n_positions
+
+    def reserve(self, n: int):
+        """Make room for n more tokens (doubling keeps appends amortised O(1) without knowing max_new_tokens)."""
+        capacity = self.k.size(3)
+        if self.length + n <= capacity:
+            return
+        capacity = min(self.max_length, max(2 * capacity, self.length + n))
+        grow = lambda buf: torch.cat([buf, buf.new_empty(*buf.shape[:3], capacity - buf.size(3), buf.size(4))], dim=3)
+        self.k, self.v = grow(self.k), grow(self.v)
+        if self.key_mask is not None:
+            pad = self.key_mask.new_ones(self.key_mask.size(0), capacity - self.key_mask.size(1))
+            self.key_mask = torch.cat([self.key_mask, pad], dim=1)
+
+    def update(self, layer: int, k, v):
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int, next_positions):
+        """Mark n written tokens valid; next_positions (B,): position ids of the next token."""
+        self.length += n
+        self.positions = next_positions
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.n_head, self.n_embd = layer_idx, config.n_head, config.n_embd
+        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+        self.scale = (config.n_embd // config.n_head) ** -0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer_idx + 1
+        self.upcast = config.reorder_and_upcast_attn
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x, attn_mask, is_causal, cache):
+        """x: (B, T, C); attn_mask: see `attention_mask_for`; cache: None or has update(layer, k, v)."""
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        dtype = q.dtype
+        if self.upcast:
+            q, k, v = q.float(), k.float(), v.float()
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+            dropout_p=self.attn_pdrop if self.training else 0.0,
+        )
+        y = y.to(dtype).transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = Conv1D(config.n_embd, inner)
+        self.c_proj = Conv1D(inner, config.n_embd)
+        self.act = ACTIVATIONS[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPT2Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = GPT2MLP(config)
+
+    def forward(self, x, attn_mask, is_causal, cache):
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    def forward(self, input_ids, position_ids, attn_mask, is_causal, cache, inputs_embeds=None, token_type_ids=None):
+        """input_ids (B, T) or inputs_embeds (B, T, C); position_ids (B or 1, T) -> hidden states (B, T, C)."""
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        x = x + self.wpe(position_ids)
+        if token_type_ids is not None:
+            x = x + self.wte(token_type_ids)  # GPT-2 reuses the token embedding for token types
+        x = self.drop(x)
+        for block in self.h:
+            x = block(x, attn_mask, is_causal, cache)
+        return self.ln_f(x)
+
+
+def causal_lm_loss(logits, labels):
+    """Mean next-token cross-entropy: logits (B, T, V) predict labels (B, T) shifted by one; -100 ignored."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+class GPT2LMHeadModel(nn.Module):
+    config_class = GPT2Config
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """transformers' init: N(0, initializer_range), residual projections scaled by 1/sqrt(2 n_layer)."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Embedding, nn.Linear, Conv1D)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, Conv1D):
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        if isinstance(module, (GPT2Attention, GPT2MLP)):
+            nn.init.normal_(module.c_proj.weight, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def _check_length(self, n_past: int, n_new: int):
+        if n_past + n_new > self.config.n_positions:
+            raise ValueError(
+                f"sequence of {n_past + n_new} tokens ({n_past} past + {n_new} new) is longer than "
+                f"n_positions={self.config.n_positions}"
+            )
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=False, token_type_ids=None) -> ModelOutput:
+        """input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, T_past + T), 1 = real token;
+        position_ids (B, T), default T_past + arange(T); past_key_values: see `ConcatCache`;
+        labels (B, T). Returns logits (B, T, V), loss, and the extended cache when use_cache."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        past_key_values = past_key_values or None
+        cache = ConcatCache(past_key_values, self.config.n_layer) if use_cache or past_key_values else None
+        n_past = cache.length if cache is not None else 0
+        self._check_length(n_past, T)
+        device = self.lm_head.weight.device
+        if position_ids is None:
+            position_ids = torch.arange(n_past, n_past + T, device=device)[None]
+        if attention_mask is not None:
+            if attention_mask.shape != (B, n_past + T):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, n_past + T)} "
+                    f"(batch, {n_past} past + {T} new tokens)"
+                )
+            if attention_mask.all():
+                attention_mask = None  # lets SDPA take its fused causal path
+        attn_mask, is_causal = attention_mask_for(attention_mask, T, n_past + T, device)
+        x = self.transformer(input_ids, position_ids, attn_mask, is_causal, cache, inputs_embeds, token_type_ids)
+        logits = self.lm_head(x)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=loss, past_key_values=cache.layers if use_cache else None)
+
+    # Generation protocol used by models.generate (see there).
+
+    def generation_prefix(self, input_ids):
+        return input_ids
+
+    def prefill(self, input_ids, attention_mask=None):
+        """input_ids (B, T), left-padded where attention_mask (B, T) is 0 -> (KVCache, next-token logits (B, V)).
+
+        Position ids count real tokens only (cumsum(mask) - 1, clamped at 0), as transformers' generate does.
+        """
+        B, T = input_ids.shape
+        self._check_length(0, T)
+        key_mask = attention_mask if attention_mask is not None and not attention_mask.all() else None
+        if key_mask is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        else:
+            position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+        weight = self.lm_head.weight
+        capacity = min(self.config.n_positions, max(64, 2 * T))
+        cache = KVCache(self.config, B, capacity, weight.dtype, weight.device, key_mask)
+        attn_mask, is_causal = attention_mask_for(key_mask, T, T, input_ids.device)
+        x = self.transformer(input_ids, position_ids, attn_mask, is_causal, cache)
+        cache.advance(T, position_ids[:, -1] + 1)
+        return cache, self.lm_head(x[:, -1])
+
+    def decode_step(self, cache: KVCache, tokens):
+        """tokens (B,) -> next-token logits (B, V); appends to the cache in place."""
+        self._check_length(cache.length, 1)
+        cache.reserve(1)
+        key_mask = None if cache.key_mask is None else cache.key_mask[:, : cache.length + 1]
+        attn_mask, _ = attention_mask_for(key_mask, 1, cache.length + 1, tokens.device)
+        x = self.transformer(tokens[:, None], cache.positions[:, None], attn_mask, False, cache)
+        cache.advance(1, cache.positions + 1)
+        return self.lm_head(x[:, -1])
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        from .generate import generate
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    # Checkpoint hooks used by models.loading.
+
+    @staticmethod
+    def normalize_checkpoint(tensors: dict, config: GPT2Config) -> dict:
+        """File keys (with or without the `transformer.` prefix, old mask buffers, maybe no lm_head)
+        -> this model's state-dict keys (FORMATS A.2, robust loader rule)."""
+        out = {}
+        for key, tensor in tensors.items():
+            if key.endswith(_IGNORED_KEY_SUFFIXES):
+                continue
+            out[key if key == "lm_head.weight" else "transformer." + key.removeprefix("transformer.")] = tensor
+        if config.tie_word_embeddings and "transformer.wte.weight" in out:
+            out["lm_head.weight"] = out["transformer.wte.weight"]
+        return out
+
+    def checkpoint_state_dict(self) -> dict:
+        """What save_pretrained writes: transformers' names, the tied lm_head omitted."""
+        state = self.state_dict()
+        if self.config.tie_word_embeddings:
+            del state["lm_head.weight"]
+        return state
+
+    def save_pretrained(self, path):
+        from .loading import save_pretrained
+        save_pretrained(self, path)

@@ -1,0 +1,196 @@
+"""Checkpoints in and out: config.json + model.safetensors (or shards), never pickle.
+
+A model class provides three hooks: `config_class` (with from_dict/to_dict),
+`normalize_checkpoint(tensors, config) -> state dict` (file keys -> its own keys) and
+`checkpoint_state_dict()` (what to write). Everything is validated before the model is built,
+so a failed load leaves nothing half-loaded.
+"""
+import contextlib
+import importlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+MODEL_TYPES = {
+    "gpt2": ("gpt2", "GPT2LMHeadModel"),
+    "t5": ("t5", "T5ForConditionalGeneration"),
+}
+
+
+def model_class(model_type, source):
+    """The model class registered for config.json's model_type; imported only when asked for."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{source}: unknown model_type {model_type!r}; supported: {sorted(MODEL_TYPES)}")
+    module, name = MODEL_TYPES[model_type]
+    return getattr(importlib.import_module(f".{module}", __package__), name)
+
+
+def read_config(path: Path) -> dict:
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no config.json in {path}")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
+
+
+def _read_safetensors(file: Path, keys=None) -> dict:
+    """Tensors of one file, read through safetensors' memory map; keys: only these, each must be present."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: checkpoint file not found")
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            present = set(f.keys())
+            absent = sorted(set(keys or ()) - present)
+            if absent:
+                raise ValueError(f"{file}: keys listed in the shard index are absent: {absent[:5]}")
+            return {k: f.get_tensor(k) for k in (keys if keys is not None else present)}
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def read_checkpoint(path: Path):
+    """(tensors by file key, the file they came from: model.safetensors or the shard index)."""
+    single, index = path / WEIGHTS_NAME, path / INDEX_NAME
+    if single.is_file():
+        return _read_safetensors(single), single
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        shards = {}
+        for key, shard in weight_map.items():
+            shards.setdefault(shard, []).append(key)
+        tensors = {}
+        for shard, keys in shards.items():
+            tensors.update(_read_safetensors(path / shard, keys))
+        return tensors, index
+    pickles = [name for name in PICKLE_NAMES if (path / name).is_file()]
+    if pickles:
+        raise ValueError(
+            f"{path / pickles[0]}: pickle checkpoints are refused (loading one can run arbitrary code). "
+            f"Convert once, where you trust the file: transformers.AutoModelForCausalLM (or "
+            f"AutoModelForSeq2SeqLM for T5).from_pretrained(path).save_pretrained(path) writes {WEIGHTS_NAME}."
+        )
+    raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
+
+
+def validate_state_dict(state: dict, expected: dict, source) -> None:
+    """Every expected key present with its shape and a float dtype, nothing else; else one ValueError listing all."""
+    problems = [f"missing key {k!r} (shape {tuple(expected[k].shape)})" for k in expected if k not in state]
+    problems += [f"unexpected key {k!r} (shape {tuple(state[k].shape)})" for k in state if k not in expected]
+    for k in state.keys() & expected.keys():
+        if state[k].shape != expected[k].shape:
+            problems.append(f"key {k!r} has shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}")
+        elif not state[k].is_floating_point():
+            problems.append(f"key {k!r} has dtype {state[k].dtype}, expected a floating-point dtype")
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ValueError(f"{source}: checkpoint does not match the model:\n  {shown}")
+
+
+def resolve_dtype(dtype):
+    """None (keep the file's dtypes), a torch floating dtype, or its name ("bfloat16")."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch dtype or its name, got {dtype!r}")
+    return dtype
+
+
+def _tied_names(model) -> list[list[str]]:
+    """Groups of parameter names that share one Parameter (tied weights), as the model built them."""
+    groups = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(model, groups):
+    for first, *others in groups:
+        param = model.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, param)
+
+
+@contextlib.contextmanager
+def _initialisers_skipped():
+    """torch.nn.init functions as no-ops: on the meta device they only cost time (the first
+    normal_ there imports torch._dynamo, seconds)."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
+def from_pretrained(path, dtype=None, device=None):
+    """Load a model folder (config.json + safetensors) written by transformers or save_pretrained.
+
+    dtype: None keeps the file's dtypes, else a float dtype or its name; device: where the weights go.
+    The model is returned in eval mode, as transformers does.
+    """
+    path = Path(path)
+    raw = read_config(path)
+    cls = model_class(raw.get("model_type"), path / CONFIG_NAME)
+    config = cls.config_class.from_dict(raw)
+    dtype = resolve_dtype(dtype)
+    tensors, source = read_checkpoint(path)
+    state = cls.normalize_checkpoint(tensors, config)
+    with torch.device("meta"), _initialisers_skipped():
+        model = cls(config)
+    validate_state_dict(state, model.state_dict(), source)
+    converted = {}  # by tensor identity, so tied entries stay one tensor
+    for k, t in state.items():
+        if id(t) not in converted:
+            converted[id(t)] = t.to(device=device, dtype=dtype)
+        state[k] = converted[id(t)]
+    tied = _tied_names(model)
+    model.load_state_dict(state, assign=True)
+    _retie(model, tied)
+    still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise RuntimeError(f"{cls.__name__}: tensors not covered by the state dict: {still_meta}")
+    return model.eval()
+
+
+def atomic_write(file: Path, write) -> None:
+    """Call write(tmp_path) for a temporary file in file's folder, then rename it over file."""
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(model, path) -> None:
+    """Write config.json and model.safetensors (metadata {"format": "pt"}) that transformers loads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: t.detach().to("cpu").contiguous() for k, t in model.checkpoint_state_dict().items()}
+    config = model.config.to_dict()
+    config.pop("torch_dtype", None)
+    config["dtype"] = str(next(t.dtype for t in tensors.values() if t.is_floating_point())).removeprefix("torch.")
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))

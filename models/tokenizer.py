@@ -1,0 +1,63 @@
+"""A thin wrapper over the `tokenizers` library's tokenizer.json (never a hand-written BPE)."""
+from pathlib import Path
+
+import torch
+
+# Tried in order when tokenizer.json sets no padding token; GPT-2 has none and pads with <|endoftext|>.
+_PAD_CANDIDATES = ("<pad>", "[PAD]", "<|endoftext|>")
+
+
+class Tokenizer:
+    """encode/decode one text; __call__ batches texts into padded id and mask tensors."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        padding = tokenizer.padding
+        pad_ids = [tokenizer.token_to_id(t) for t in _PAD_CANDIDATES]
+        self.pad_token_id = padding["pad_id"] if padding else next((i for i in pad_ids if i is not None), None)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """ids: a list or a 1-D tensor of token ids."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def __call__(self, texts, padding: bool = True, padding_side: str = "right", max_length=None,
+                 add_special_tokens: bool = True) -> dict:
+        """texts: str or list of str -> {"input_ids": (B, T) long, "attention_mask": (B, T) long}.
+
+        max_length truncates each text; padding_side "left" is what batched generation needs.
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        rows = [self.encode(t, add_special_tokens)[:max_length] for t in ([texts] if isinstance(texts, str) else texts)]
+        width = max(map(len, rows), default=0)
+        if any(len(r) != width for r in rows):
+            if not padding:
+                raise ValueError("texts encode to different lengths; pass padding=True")
+            if self.pad_token_id is None:
+                raise ValueError(f"no padding token: tokenizer.json sets none and has none of {_PAD_CANDIDATES}")
+        input_ids = torch.full((len(rows), width), self.pad_token_id or 0, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            cols = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+            input_ids[i, cols] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, cols] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """The tokenizer saved as <path>/tokenizer.json (needs the `tokenizers` package)."""
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise ImportError(
+            "models.load_tokenizer needs the `tokenizers` package: pip install tokenizers "
+            "(or the lowrank[interop] extra)"
+        ) from e
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no tokenizer.json in {path}")
+    return Tokenizer(tokenizers.Tokenizer.from_file(str(file)))

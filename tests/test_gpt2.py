@@ -1,0 +1,189 @@
+"""Properties of models.gpt2 on its own: layout, config, KV cache, padding, loss, dropout, limits.
+
+Agreement with transformers' GPT-2 is in tests/interop/test_gpt2_transformers.py.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, note
+from hypothesis import strategies as st
+
+from models.gpt2 import Conv1D, GPT2Config, GPT2LMHeadModel
+
+from .conftest import TOLERANCE
+
+TINY = dict(vocab_size=50, n_positions=48, n_embd=32, n_layer=2, n_head=4, initializer_range=0.3)
+
+
+def tiny_model(seed=0, **overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**{**TINY, **overrides})).eval()
+
+
+def assert_close(actual, expected, dtype=torch.float32):
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def test_conv1d_computes_x_times_in_out_weight_plus_bias():
+    conv = Conv1D(5, 7)
+    torch.nn.init.normal_(conv.weight)
+    torch.nn.init.normal_(conv.bias)
+    x = torch.randn(2, 3, 5)
+    assert conv.weight.shape == (5, 7) and (conv.in_features, conv.out_features) == (5, 7)
+    assert_close(conv(x), x @ conv.weight + conv.bias)
+
+
+def test_parameter_names_are_transformers_state_dict_names(model):
+    expected = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+                "transformer.ln_f.bias", "lm_head.weight"}
+    for i in range(2):
+        for name in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
+            expected |= {f"transformer.h.{i}.{name}.weight", f"transformer.h.{i}.{name}.bias"}
+    assert set(model.state_dict()) == expected
+    assert model.state_dict()["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_untied_model_has_its_own_lm_head():
+    model = tiny_model(tie_word_embeddings=False)
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert "lm_head.weight" in model.checkpoint_state_dict()
+
+
+def test_config_round_trips_unknown_keys_and_names_the_model_type():
+    d = {**TINY, "n_ctx": 48, "summary_type": "cls_index", "model_type": "gpt2"}
+    config = GPT2Config.from_dict(d)
+    assert config.extra == {"n_ctx": 48, "summary_type": "cls_index"}
+    out = config.to_dict()
+    assert out["model_type"] == "gpt2" and out["architectures"] == ["GPT2LMHeadModel"]
+    assert {k: out[k] for k in d} == d
+    assert GPT2Config.from_dict(out) == config
+
+
+@pytest.mark.parametrize("bad, field", [(dict(n_embd=30), "n_embd"), (dict(activation_function="gelu_x"), "activation_function"),
+                                        (dict(add_cross_attention=True), "add_cross_attention")])
+def test_config_rejects_bad_values_naming_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        GPT2Config(**{**TINY, **bad})
+
+
+@given(batch=st.integers(1, 3), prompt=st.integers(1, 12), steps=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_kv_cache_decoding_equals_full_recomputation(model, batch, prompt, steps, seed):
+    ids = torch.randint(0, 50, (batch, prompt + steps), generator=torch.Generator().manual_seed(seed))
+    full = model(ids).logits
+    out = model(ids[:, :prompt], use_cache=True)
+    past, logits = out.past_key_values, [out.logits]
+    assert past[0][0].shape == (batch, 4, prompt, 8)
+    for t in range(prompt, prompt + steps):
+        out = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits.append(out.logits)
+    assert_close(torch.cat(logits, dim=1), full)
+
+    cache, last = model.prefill(ids[:, :prompt])
+    decoded = [last]
+    for t in range(prompt, prompt + steps):
+        decoded.append(model.decode_step(cache, ids[:, t]))
+    assert_close(torch.stack(decoded, dim=1), full[:, prompt - 1 :])
+
+
+@given(lengths=st.lists(st.integers(1, 10), min_size=1, max_size=4), steps=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_left_padded_batch_equals_each_row_run_alone(model, lengths, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    rows = [torch.randint(0, 50, (n + steps,), generator=gen) for n in lengths]
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n :], mask[i, width - n :] = rows[i][:n], 1
+    note(f"mask={mask.tolist()}")
+
+    cache, last = model.prefill(ids, mask)
+    batched = [last]
+    for s in range(steps - 1):
+        batched.append(model.decode_step(cache, torch.stack([r[n + s] for r, n in zip(rows, lengths)])))
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    padded_forward = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        alone = model(row[None, : n + steps - 1]).logits[0]
+        assert_close(torch.stack([b[i] for b in batched]), alone[n - 1 :])
+        assert_close(padded_forward[i, width - n :], alone[:n])
+
+
+def test_attention_mask_hides_masked_past_keys(model):
+    ids = torch.randint(0, 50, (1, 9))
+    out = model(ids[:, :6], use_cache=True)
+    mask = torch.ones(1, 9, dtype=torch.long)
+    mask[0, 2] = 0
+    with_mask = model(ids[:, 6:], past_key_values=out.past_key_values, attention_mask=mask).logits
+    without = model(ids[:, 6:], past_key_values=out.past_key_values).logits
+    dropped = [(k[:, :, [0, 1, 3, 4, 5]], v[:, :, [0, 1, 3, 4, 5]]) for k, v in out.past_key_values]
+    shifted = model(ids[:, 6:], past_key_values=dropped, position_ids=torch.arange(6, 9)[None]).logits
+    assert_close(with_mask, shifted)
+    assert not torch.allclose(with_mask, without)
+
+
+def test_gradients_reach_learned_past_key_values(model):
+    prefix = [(torch.randn(2, 4, 3, 8, requires_grad=True), torch.randn(2, 4, 3, 8, requires_grad=True)) for _ in range(2)]
+    ids = torch.randint(0, 50, (2, 5))
+    out = model(ids, past_key_values=prefix, attention_mask=torch.ones(2, 8), labels=ids)
+    out.loss.backward()
+    assert all(k.grad.abs().sum() > 0 and v.grad.abs().sum() > 0 for k, v in prefix)
+
+
+def test_loss_is_mean_shifted_cross_entropy_ignoring_minus_100(model):
+    ids = torch.randint(0, 50, (2, 7))
+    labels = ids.clone()
+    labels[0, 3] = labels[1, :4] = -100
+    out = model(ids, labels=labels)
+    logits, targets = out.logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1)
+    keep = targets != -100
+    assert_close(out.loss, F.cross_entropy(logits[keep], targets[keep]))
+
+
+def test_inputs_embeds_and_token_type_ids_follow_transformers(model):
+    ids, types = torch.randint(0, 50, (2, 6)), torch.randint(0, 50, (2, 6))
+    wte = model.transformer.wte
+    assert_close(model(inputs_embeds=wte(ids)).logits, model(ids).logits)
+    assert_close(model(ids, token_type_ids=types).logits, model(inputs_embeds=wte(ids) + wte(types)).logits)
+    with pytest.raises(ValueError, match="exactly one"):
+        model(ids, inputs_embeds=wte(ids))
+
+
+def test_dropout_is_active_in_train_mode_only():
+    model = tiny_model(attn_pdrop=0.5, resid_pdrop=0.5, embd_pdrop=0.5)
+    ids = torch.randint(0, 50, (2, 8))
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    model.train()
+    assert not torch.equal(model(ids).logits, model(ids).logits)
+    assert_close(tiny_model(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).train()(ids).logits, tiny_model()(ids).logits)
+
+
+def test_input_longer_than_n_positions_raises_naming_both_sizes(model):
+    with pytest.raises(ValueError, match=r"49 tokens.*n_positions=48"):
+        model(torch.zeros(1, 49, dtype=torch.long))
+    past = model(torch.zeros(1, 40, dtype=torch.long), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"50 tokens \(40 past \+ 10 new\).*n_positions=48"):
+        model(torch.zeros(1, 10, dtype=torch.long), past_key_values=past)
+    cache, _ = model.prefill(torch.zeros(1, 48, dtype=torch.long))
+    with pytest.raises(ValueError, match="n_positions=48"):
+        model.decode_step(cache, torch.zeros(1, dtype=torch.long))
+
+
+def test_attention_mask_of_the_wrong_width_is_rejected(model):
+    past = model(torch.zeros(1, 4, dtype=torch.long), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 3\), expected \(1, 7\)"):
+        model(torch.zeros(1, 3, dtype=torch.long), past_key_values=past, attention_mask=torch.ones(1, 3))
+
+
+def test_reorder_and_upcast_attn_changes_precision_only():
+    ids = torch.randint(0, 50, (2, 10))
+    upcast = tiny_model(reorder_and_upcast_attn=True)
+    assert_close(upcast(ids).logits, tiny_model()(ids).logits)
+    assert upcast.to(torch.bfloat16)(ids).logits.dtype == torch.bfloat16
