@@ -1,8 +1,7 @@
 """What every benchmark shares: timing, run metadata, result files.
 
-GPU timings come from triton.testing.do_bench (median, p20, p80, in ms);
-CPU timings from a warm-up followed by many timed repeats, also as
-(median, p20, p80) in ms.
+Timers take {name: fn} and return {name: [median, p20, p80] ms}: on a GPU
+from triton.testing.do_bench, on a CPU from `interleaved` repeats after a warm-up.
 """
 import datetime
 import json
@@ -16,23 +15,41 @@ from typing import Callable, Dict, List
 import torch
 
 
-def time_cpu(fn: Callable[[], object], warmup: int = 3, repeats: int = 20) -> List[float]:
-    """(median, p20, p80) milliseconds of fn() over `repeats` calls after `warmup`."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(samples, n=10)
-    return [statistics.median(samples), q[1], q[7]]
+# GPT-2 small (124 M parameters) and a tiny model of the same structure for --quick smoke runs.
+GPT2_SHAPES = {
+    "full": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
+    "quick": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=128),
+}
 
 
-def time_gpu(fn: Callable[[], object]) -> List[float]:
+def interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 3, repeats: int = 20) -> Dict[str, List[float]]:
+    """{name: [median, p20, p80] ms} of each fn() on the CPU, after `warmup` calls each.
+
+    The fns run in turn, in alternating order each repeat, so that a change in the machine's
+    other load hits them all alike and their ratio stays meaningful.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in list(fns)[:: 1 if r % 2 == 0 else -1]:
+            start = time.perf_counter()
+            fns[name]()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    out = {}
+    for name, s in samples.items():
+        q = statistics.quantiles(s, n=10)
+        out[name] = [statistics.median(s), q[1], q[7]]
+    return out
+
+
+def time_gpu(fns: Dict[str, Callable[[], object]]) -> Dict[str, List[float]]:
+    """{name: [median, p20, p80] ms} of each fn() on the GPU, from triton.testing.do_bench."""
     import triton.testing
 
-    return list(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
+    return {name: list(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
+            for name, fn in fns.items()}
 
 
 def run_info() -> Dict[str, str]:

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
-from bench.common import run_info, time_cpu, time_gpu, write_json  # noqa: E402
+from bench.common import interleaved, run_info, time_gpu, write_json  # noqa: E402
 
 SCALE = 2.0
 
@@ -99,12 +99,9 @@ def measure(cases, dtype, device, timer):
         fns = methods(*operands(case, dtype, device))
         for pass_name, index in (("fwd", 0), ("fwd+bwd", 1)):
             row = dict(asdict(case), dtype=str(dtype).replace("torch.", ""), pass_=pass_name)
-            for name, pair in fns.items():
-                if index == 0:
-                    with torch.no_grad():
-                        row[f"{name}_ms"] = timer(pair[0])
-                else:
-                    row[f"{name}_ms"] = timer(pair[1])
+            with torch.set_grad_enabled(index == 1):
+                times = timer({name: pair[index] for name, pair in fns.items()})
+            row.update({f"{name}_ms": t for name, t in times.items()})
             row["fused_over_merged"] = row["fused_ms"][0] / row["merged_ms"][0]
             row["fused_over_unfused"] = row["fused_ms"][0] / row["unfused_ms"][0]
             row["fused_tflops"] = case.flops() / (row["fused_ms"][0] * 1e-3) / 1e12
@@ -179,7 +176,7 @@ def main(argv=None) -> None:
     if on_gpu:
         cases, dtype, timer = gpu_cases(args.quick), torch.bfloat16, time_gpu
     else:
-        cases, dtype, timer = cpu_cases(args.quick), torch.float32, time_cpu
+        cases, dtype, timer = cpu_cases(args.quick), torch.float32, interleaved
         print("No CUDA device: timing the torch CPU path (fp32, small sizes). These figures say nothing "
               "about the Triton kernels; run on a GPU for those.")
     print(f"device: {info['device']}; torch {info['torch']}; git {info['git_sha']}; {info['date']}")

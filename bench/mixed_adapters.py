@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
-from bench.common import run_info, time_cpu, time_gpu, write_json  # noqa: E402
+from bench.common import interleaved, run_info, time_gpu, write_json  # noqa: E402
 
 
 def operands(M, K, N, r, n, dtype, device):
@@ -53,9 +53,10 @@ def measure(phases, adapter_counts, K, N, r, dtype, device, timer):
             x, W, A, B, scales, index = operands(M, K, N, r, n, dtype, device)
             with torch.no_grad():
                 row = dict(phase=phase, M=M, K=K, N=N, r=r, adapters=n, dtype=str(dtype).replace("torch.", ""))
-                row["batched_ms"] = timer(lambda: kernels.lora_matmul_batched(x, W, A, B, scales, index))
-                row["loop_ms"] = timer(lambda: peft_loop(x, W, A, B, scales, index))
-                row["single_ms"] = timer(lambda: kernels.lora_matmul(x, W, A[0], B[0], float(scales[0])))
+                times = timer({"batched": lambda: kernels.lora_matmul_batched(x, W, A, B, scales, index),
+                               "loop": lambda: peft_loop(x, W, A, B, scales, index),
+                               "single": lambda: kernels.lora_matmul(x, W, A[0], B[0], float(scales[0]))})
+            row.update({f"{name}_ms": t for name, t in times.items()})
             row["batched_over_single"] = row["batched_ms"][0] / row["single_ms"][0]
             row["loop_over_batched"] = row["loop_ms"][0] / row["batched_ms"][0]
             rows.append(row)
@@ -99,7 +100,7 @@ def main(argv=None):
     if on_gpu:
         phases, K, N, dtype, timer = [("decode", 64), ("prefill", 8192)], 4096, 4096, torch.bfloat16, time_gpu
     else:
-        phases, K, N, dtype, timer = [("decode", 64), ("prefill", 1024)], 768, 768, torch.float32, time_cpu
+        phases, K, N, dtype, timer = [("decode", 64), ("prefill", 1024)], 768, 768, torch.float32, interleaved
         print("No CUDA device: timing the torch CPU path (fp32, K=N=768). These figures say nothing about "
               "the Triton kernels; run on a GPU for those.")
     print(f"device: {info['device']}; torch {info['torch']}; git {info['git_sha']}; {info['date']}")

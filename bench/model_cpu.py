@@ -14,37 +14,16 @@ Usage: python bench/model_cpu.py [--quick] [--threads N] [--repeats R] [--json P
 """
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
-from bench.common import run_info, write_json  # noqa: E402
+from bench.common import GPT2_SHAPES, interleaved, run_info, write_json  # noqa: E402
 
-SHAPES = {
-    "full": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
-    "quick": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=128),
-}
 LENGTHS = {"full": dict(prefill=512, prompt=64, new=33), "quick": dict(prefill=64, prompt=8, new=9)}
-
-
-def interleaved(fns: dict, warmup: int, repeats: int) -> dict:
-    """{name: (median, p20, p80) ms} of each fn(), run in alternating order after `warmup` calls each."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples = {name: [] for name in fns}
-    for r in range(repeats):
-        for name in list(fns)[:: 1 if r % 2 == 0 else -1]:
-            start = time.perf_counter()
-            fns[name]()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    quantiles = {name: statistics.quantiles(s, n=10) for name, s in samples.items()}
-    return {name: (statistics.median(s), quantiles[name][1], quantiles[name][7]) for name, s in samples.items()}
 
 
 def check_agreement(ours, hf, ids, new):
@@ -70,7 +49,7 @@ def main(argv=None):
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
     mode = "quick" if args.quick else "full"
-    shape, lengths = SHAPES[mode], LENGTHS[mode]
+    shape, lengths = GPT2_SHAPES[mode], LENGTHS[mode]
     repeats = args.repeats or (3 if args.quick else 5)
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Shared test setup: hypothesis profiles, the `cuda` marker, the tolerance table.
+"""Shared test setup: hypothesis profiles, the `cuda` marker, one intra-op thread.
 
 Without a GPU the Triton kernels run through the Triton interpreter, so
 TRITON_INTERPRET must be set before anything imports triton.
@@ -22,16 +22,6 @@ settings.register_profile("dev", max_examples=10, **_COMMON)
 settings.register_profile("ci", max_examples=25, derandomize=True, print_blob=True, **_COMMON)
 settings.register_profile("gpu", max_examples=100, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
-
-# Relative tolerances by dtype; tests scale them by the magnitude of the reference.
-TOLERANCE = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.bfloat16: 1e-2,
-    torch.float16: 1e-2,
-}
-TF32_TOLERANCE = 3e-4
-
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import torch
 
-from .conftest import TOLERANCE
+from .helpers import TOLERANCE
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "transposed", "strided"]

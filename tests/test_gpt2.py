@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from models.gpt2 import Conv1D, GPT2Config, GPT2LMHeadModel
 
-from .conftest import TOLERANCE
+from .helpers import assert_close_rel as assert_close
 
 TINY = dict(vocab_size=50, n_positions=48, n_embd=32, n_layer=2, n_head=4, initializer_range=0.3)
 
@@ -18,11 +18,6 @@ TINY = dict(vocab_size=50, n_positions=48, n_embd=32, n_layer=2, n_head=4, initi
 def tiny_model(seed=0, **overrides) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(**{**TINY, **overrides})).eval()
-
-
-def assert_close(actual, expected, dtype=torch.float32):
-    tol = TOLERANCE[dtype]
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * expected.abs().max().item())
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import models
 from models.t5 import T5Config, T5ForConditionalGeneration, relative_position_bucket
 
-from .conftest import TOLERANCE
+from .helpers import assert_close_rel as assert_close
 
 # max_distance 16 with 8 buckets: 20-token inputs reach the logarithmic and the clamped buckets.
 TINY = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
@@ -20,11 +20,6 @@ TINY = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decode
 def tiny_model(seed=0, **overrides) -> T5ForConditionalGeneration:
     torch.manual_seed(seed)
     return T5ForConditionalGeneration(T5Config(**{**TINY, **overrides})).eval()
-
-
-def assert_close(actual, expected, dtype=torch.float32):
-    tol = TOLERANCE[dtype]
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * expected.abs().max().item())
 
 
 MODEL = tiny_model()
