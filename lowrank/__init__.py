@@ -1,0 +1,6 @@
+"""lowrank: parameter-efficient fine-tuning (LoRA) for GPT-2 and T5, with PEFT's API names and file format."""
+from .config import CONFIG_CLASSES, LoraConfig, PeftConfig, config_from_dict
+from .lora import LoraLayer
+from .peft_model import PeftModel, get_peft_model
+
+__all__ = ["CONFIG_CLASSES", "LoraConfig", "LoraLayer", "PeftConfig", "PeftModel", "config_from_dict", "get_peft_model"]

@@ -1,0 +1,205 @@
+"""PEFT method configs: dataclasses with PEFT's field names and defaults, and their JSON round trip.
+
+`PeftConfig` holds what every method shares; each method adds its fields and fixes `peft_type`.
+`config_from_dict` reads an adapter_config.json dict, dispatching on its `peft_type` (FORMATS C.1).
+The matching rules that decide which modules a config touches live here too (FORMATS C.3, C.5),
+as pure functions of a module name.
+"""
+import re
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar, Optional, Union
+
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+def _name_matches(names, name: str) -> bool:
+    """PEFT's list rule: the module name equals an entry or ends with '.' + entry."""
+    return any(name == n or name.endswith("." + n) for n in names)
+
+
+def _check_regex(owner: str, field_name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{owner}: {field_name}={pattern!r} is not a valid regular expression: {e}") from None
+
+
+def _as_names(owner: str, field_name: str, value):
+    """None, a regex string, or a list/tuple/set of names -> None, the string, or a list without repeats."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        _check_regex(owner, field_name, value)
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return list(dict.fromkeys(sorted(value) if isinstance(value, (set, frozenset)) else value))
+    raise ValueError(f"{owner}: {field_name}={value!r} must be None, a regex string or a list of module names")
+
+
+@dataclass(kw_only=True)
+class PeftConfig:
+    """Fields every PEFT method shares. Subclasses set `peft_type` and add their own fields.
+
+    Unknown keys in a loaded file are warned about and dropped; keys PEFT writes that we do not model
+    are listed per class in `peft_ignored` (harmless whatever their value) and `peft_unsupported`
+    (name -> the only value we can honour: anything else changes the math, so loading refuses it).
+    """
+
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    modules_to_save: Optional[list] = None
+
+    peft_type: ClassVar[str] = ""
+    peft_ignored: ClassVar[frozenset] = frozenset({"peft_version", "auto_mapping"})
+    peft_unsupported: ClassVar[dict] = {}
+
+    def __post_init__(self):
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"{type(self).__name__}: task_type={self.task_type!r} is not one of {TASK_TYPES}")
+        if isinstance(self.modules_to_save, str):
+            raise ValueError(f"{type(self).__name__}: modules_to_save={self.modules_to_save!r} must be a list of names")
+        self.modules_to_save = _as_names(type(self).__name__, "modules_to_save", self.modules_to_save)
+
+    def is_module_to_save(self, name: str) -> bool:
+        """True for a module that gets a trainable copy (PEFT's suffix rule, on whole name parts)."""
+        return bool(self.modules_to_save) and _name_matches(self.modules_to_save, name)
+
+    def to_dict(self) -> dict:
+        """JSON-ready adapter_config.json content: every field, plus peft_type."""
+        return {**asdict(self), "peft_type": self.peft_type}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "PeftConfig":
+        """Inverse of to_dict. Unknown keys warn, naming `source` and the keys, and are dropped; a PEFT
+        feature this library does not implement, switched on, raises ValueError naming the key."""
+        if d.get("peft_type", cls.peft_type) != cls.peft_type:
+            raise ValueError(f"peft_type={d['peft_type']!r}, expected {cls.peft_type!r}")
+        names = {f.name for f in fields(cls)}
+        for key, default in cls.peft_unsupported.items():
+            if d.get(key, default) != default:
+                raise ValueError(f"{key}={d[key]!r} is not supported by lowrank (only {default!r})")
+        unknown = sorted(set(d) - names - cls.peft_ignored - set(cls.peft_unsupported) - {"peft_type"})
+        if unknown:
+            warnings.warn(f"{source}: ignoring unknown {cls.__name__} fields {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(kw_only=True)
+class LoraConfig(PeftConfig):
+    """LoRA (Hu et al. 2021): y = base(x) + scaling * lora_B(lora_A(dropout(x))), FORMATS C.
+
+    r, lora_alpha: rank and numerator of scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora).
+    target_modules: list of module-name suffixes, a regex (re.fullmatch on the full name), "all-linear"
+        (every linear but the output head), or None for the model type's default (FORMATS C.4).
+    exclude_modules: same forms as target_modules; matching modules are never targeted.
+    fan_in_fan_out: weight stored (in, out) as GPT-2's Conv1D; set from the target's class when injecting.
+    bias: "none", "all" (every bias trains) or "lora_only" (biases of targeted layers train).
+    init_lora_weights: True (kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B) or False
+        (nn.Linear's init for both, so B != 0: for tests).
+    layers_to_transform, layers_pattern: restrict list targets to these layer indices (the first
+        '<layers_pattern>.<i>.' in the name; any '<name>.<i>.' when no pattern is given).
+    rank_pattern, alpha_pattern: per-module r / lora_alpha; the first key k with
+        re.match(rf"(.*\\.)?({k})$", module_name) wins.
+    """
+
+    r: int = 8
+    target_modules: Optional[Union[list, str]] = None
+    exclude_modules: Optional[Union[list, str]] = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    layers_to_transform: Optional[Union[list, int]] = None
+    layers_pattern: Optional[Union[list, str]] = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+
+    peft_type: ClassVar[str] = "LORA"
+    peft_ignored: ClassVar[frozenset] = PeftConfig.peft_ignored | {
+        "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+        "qalora_group_size", "ensure_weight_tying", "runtime_config",
+    }
+    peft_unsupported: ClassVar[dict] = {
+        "use_dora": False, "lora_bias": False, "use_qalora": False, "layer_replication": None,
+        "target_parameters": None, "alora_invocation_tokens": None, "use_bdlora": None, "arrow_config": None,
+        "velora_config": None, "monteclora_config": None, "kasa_config": None, "trainable_token_indices": None,
+    }
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"{name}: r={self.r!r} must be an integer >= 1")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"{name}: lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"{name}: bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"{name}: init_lora_weights={self.init_lora_weights!r} must be True, False or 'gaussian'")
+        self.target_modules = _as_names(name, "target_modules", self.target_modules)
+        self.exclude_modules = _as_names(name, "exclude_modules", self.exclude_modules)
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(f"{name}: layers_to_transform={self.layers_to_transform!r} needs target_modules as a "
+                             f"list, got the regex {self.target_modules!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(f"{name}: layers_pattern={self.layers_pattern!r} needs layers_to_transform")
+        layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+        if layers is not None and not all(isinstance(i, int) and i >= 0 for i in layers):
+            raise ValueError(f"{name}: layers_to_transform={self.layers_to_transform!r} must be ints >= 0")
+        for field_name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+            for key, value in getattr(self, field_name).items():
+                _check_regex(name, f"{field_name} key", key)
+                if isinstance(value, bool) or not isinstance(value, kind) or value < 1:
+                    raise ValueError(f"{name}: {field_name}[{key!r}]={value!r} must be a number >= 1"
+                                     + (" (an integer)" if kind is int else ""))
+
+    def is_target(self, name: str) -> bool:
+        """Whether the module called `name` (path in the wrapped model) gets LoRA (FORMATS C.5)."""
+        if self.exclude_modules is not None and (
+            re.fullmatch(self.exclude_modules, name) if isinstance(self.exclude_modules, str)
+            else _name_matches(self.exclude_modules, name)
+        ):
+            return False
+        if self.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in self.modules_to_save):
+            return False
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, name) is not None
+        if not _name_matches(self.target_modules or (), name):
+            return False
+        if self.layers_to_transform is None or self.layers_to_transform == []:
+            return True
+        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+        # lazy .*?: the first numbered segment is the layer index, not a nested index further in
+        regexes = [rf"(?:^|.*?\.){p}\.(\d+)\." for p in patterns] if patterns else [r".*?\.[^.]*\.(\d+)\."]
+        match = next((m for m in (re.match(rx, name) for rx in regexes) if m), None)
+        if match is None:
+            return False
+        layers = self.layers_to_transform
+        return int(match.group(1)) == layers if isinstance(layers, int) else int(match.group(1)) in layers
+
+    def rank_and_alpha(self, name: str) -> tuple:
+        """(r, lora_alpha) for the module called `name`, after rank_pattern / alpha_pattern (FORMATS C.3)."""
+        return _pattern_value(self.rank_pattern, name, self.r), _pattern_value(self.alpha_pattern, name, self.lora_alpha)
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+CONFIG_CLASSES = {cls.peft_type: cls for cls in (LoraConfig,)}
+
+
+def config_from_dict(d: dict, source: str = "config") -> PeftConfig:
+    """An adapter_config.json dict -> the config class its `peft_type` names; `source` names it in warnings."""
+    peft_type = d.get("peft_type")
+    if peft_type not in CONFIG_CLASSES:
+        raise ValueError(f"peft_type={peft_type!r} is not one of {sorted(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[peft_type].from_dict(d, source)

@@ -1,0 +1,390 @@
+"""get_peft_model and PeftModel: LoRA layers injected by module name, the rest frozen, many adapters.
+
+Names follow PEFT so that code and state dicts carry over: `PeftModel.base_model.model` is the wrapped
+model, parameters read `base_model.model.<HF path>.lora_A.<adapter>.weight`, and a module in
+`modules_to_save` becomes `<path>.original_module` + `<path>.modules_to_save.<adapter>`.
+"""
+import warnings
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import io
+from .config import LoraConfig
+from .lora import BASE, LoraLayer, ModulesToSaveWrapper, base_modules, combine_adapters, is_conv1d
+
+DEFAULT_TARGET_MODULES = {"gpt2": ["c_attn"], "t5": ["q", "v"], "mt5": ["q", "v"]}  # FORMATS C.4
+_ENCODER_DECODER_TASKS = {"CAUSAL_LM": False, "SEQ_2_SEQ_LM": True}
+
+
+class LoraModel(nn.Module):
+    """Holds the wrapped model as `.model`, so parameter names read `base_model.model.<path>` as in PEFT."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, LoraLayer)) or is_conv1d(module)
+
+
+def model_type(model: nn.Module):
+    """config.model_type, or config.to_dict()["model_type"] for config classes that keep it there."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind is None and hasattr(config, "to_dict"):
+        kind = config.to_dict().get("model_type")
+    return kind
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> dict:
+    """{module path: (r, lora_alpha)} for every module `config` targets; ValueError if there are none
+    or one is not a linear layer."""
+    targets = {}
+    for name, module in base_modules(model):
+        if config.is_target(name):
+            if not _is_linear(module):
+                raise ValueError(f"target {name!r} is a {type(module).__name__}; LoRA wraps nn.Linear and Conv1D layers")
+            targets[name] = config.rank_and_alpha(name)
+    if not targets:
+        linear = [name for name, module in base_modules(model) if _is_linear(module)]
+        raise ValueError(f"target_modules={config.target_modules!r} match no module of {type(model).__name__} "
+                         f"(layers_to_transform={config.layers_to_transform!r}); its linear modules include {linear[:6]}")
+    return targets
+
+
+def find_modules_to_save(model: nn.Module, config) -> list:
+    paths = [name for name, _ in base_modules(model) if config.is_module_to_save(name)]
+    if config.modules_to_save and not paths:
+        raise ValueError(f"modules_to_save={config.modules_to_save!r} match no module of {type(model).__name__}")
+    return paths
+
+
+def resolve_config(model: nn.Module, config: LoraConfig) -> tuple:
+    """(config as it applies to `model`, its targets): target_modules filled in (the model type's default;
+    "all-linear" -> the full names of every linear but the output head) and fan_in_fan_out set from the
+    targets' layout, as PEFT does. Raises ValueError, naming the problem, before anything changes."""
+    targets = config.target_modules
+    if targets is None:
+        if model_type(model) not in DEFAULT_TARGET_MODULES:
+            raise ValueError(f"target_modules=None: no default for model_type={model_type(model)!r}; "
+                             f"known defaults: {DEFAULT_TARGET_MODULES}")
+        targets = DEFAULT_TARGET_MODULES[model_type(model)]
+    elif isinstance(targets, str) and targets.lower() == "all-linear":
+        head = getattr(model, "lm_head", None)
+        targets = [name for name, m in base_modules(model) if _is_linear(m) and m is not head]
+    wants_enc_dec = _ENCODER_DECODER_TASKS.get(config.task_type)
+    is_enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    if wants_enc_dec is not None and wants_enc_dec != is_enc_dec:
+        raise ValueError(f"task_type={config.task_type!r} does not fit a {type(model).__name__}")
+    plan = find_targets(model, replace(config, target_modules=targets))
+    layers = [model.get_submodule(path) for path in plan]
+    fan_in_fan_out = any(m.fan_in_fan_out if isinstance(m, LoraLayer) else is_conv1d(m) for m in layers)
+    if fan_in_fan_out != config.fan_in_fan_out:
+        warnings.warn(f"fan_in_fan_out set to {fan_in_fan_out} to match the targeted layers' weight layout", stacklevel=3)
+    return replace(config, target_modules=targets, fan_in_fan_out=fan_in_fan_out), plan
+
+
+class PeftModel(nn.Module):
+    """A model with LoRA adapters. forward/generate take the base model's arguments (and return what it
+    returns), plus `adapter_names` (one per row; "__base__" for none) to mix adapters in a batch.
+    Attributes the wrapper lacks (config, prefill, decode_step, ...) are the base model's."""
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True):
+        super().__init__()
+        self.base_model = LoraModel(model)
+        self.peft_config: dict = {}
+        self._active = [adapter_name]
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        self.add_adapter(adapter_name, peft_config)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model.model, name)
+
+    @property
+    def active_adapters(self) -> list:
+        return list(self._active)
+
+    @property
+    def active_adapter(self):
+        """The active adapter's name; a list when several are active (PEFT's convention)."""
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def _adapter_modules(self) -> list:
+        return [m for _, m in base_modules(self.base_model.model) if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+
+    # -- running --
+
+    def forward(self, *args, adapter_names=None, **kwargs):
+        with self._rows(adapter_names):
+            return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names=None, **kwargs):
+        """The base model's generate; with adapter_names every decode step keeps each row's adapter."""
+        with self._rows(adapter_names):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    @contextmanager
+    def _rows(self, adapter_names):
+        """Route row i of every adapter layer's input through adapter_names[i] for the duration."""
+        if adapter_names is None:
+            yield
+            return
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE})
+        if unknown:
+            raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {sorted(self.peft_config)} and {BASE!r}")
+        layers = self._adapter_modules()
+        if any(getattr(m, "merged_adapters", None) for m in layers):
+            raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+        for m in layers:
+            m.row_adapters = list(adapter_names)
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.row_adapters = None
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model alone inside the block (merged adapters are unmerged first)."""
+        layers = self._adapter_modules()
+        was_disabled = [m.disable_adapters for m in layers]
+        for m in layers:
+            m.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for m, disabled in zip(layers, was_disabled):
+                m.enable_adapters(not disabled)
+
+    # -- adapters --
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Inject a new adapter (inactive unless it is the first). Everything is checked before the model
+        changes."""
+        if adapter_name in self.peft_config or adapter_name == BASE:
+            raise ValueError(f"adapter name {adapter_name!r} is taken")
+        model = self.base_model.model
+        config, plan = resolve_config(model, peft_config)
+        to_save = find_modules_to_save(model, config)
+        for path, (r, alpha) in plan.items():
+            layer = model.get_submodule(path)
+            if not isinstance(layer, LoraLayer):
+                layer = LoraLayer(layer)
+                model.set_submodule(path, layer)
+            weight_dtype = layer.base_layer.weight.dtype
+            upcast = self.autocast_adapter_dtype and weight_dtype in (torch.float16, torch.bfloat16)
+            layer.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
+                               config.use_rslora, dtype=torch.float32 if upcast else weight_dtype)
+        for path in to_save:
+            wrapper = model.get_submodule(path)
+            if not isinstance(wrapper, ModulesToSaveWrapper):
+                wrapper = ModulesToSaveWrapper(wrapper)
+                model.set_submodule(path, wrapper)
+            wrapper.update(adapter_name)
+        self.peft_config[adapter_name] = config
+        self._sync()
+
+    def set_adapter(self, adapter_name) -> None:
+        """Make one adapter, or a list of adapters that add up, active (and trainable unless loaded for
+        inference). Merged adapters are unmerged first, as PEFT does."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_names(names)
+        if any(getattr(m, "merged_adapters", None) for m in self._adapter_modules()):
+            warnings.warn("unmerging the merged adapters before switching", stacklevel=2)
+            self.unmerge_adapter()
+        self._active = names
+        self._sync()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_names([adapter_name])
+        layers = self._adapter_modules()
+        if any(adapter_name in getattr(m, "merged_adapters", ()) for m in layers):
+            raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")
+        for m in layers:
+            m.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        self._active = [a for a in self._active if a != adapter_name] or list(self.peft_config)[:1]
+        self._sync()
+
+    def _check_names(self, names) -> None:
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; this model has {sorted(self.peft_config)}")
+
+    def _sync(self) -> None:
+        """Push the active adapters to every layer and set requires_grad: the active adapters' LoRA factors,
+        module copies and selected biases train (unless loaded for inference); everything else is frozen."""
+        model = self.base_model.model
+        trainable = {a for a in self._active if not self.peft_config[a].inference_mode}
+        bias_params = {}
+        for a in trainable:
+            paths = {n for n, m in base_modules(model) if isinstance(m, LoraLayer) and a in m.lora_A}
+            bias_params.update(io.layer_biases(model, paths, self.peft_config[a].bias))
+        model.requires_grad_(False)
+        for m in self._adapter_modules():
+            m.active_adapters = list(self._active)
+            for table in [m.modules_to_save] if isinstance(m, ModulesToSaveWrapper) else [m.lora_A, m.lora_B]:
+                for adapter, module in table.items():
+                    module.requires_grad_(adapter in trainable)
+        for p in bias_params.values():
+            p.requires_grad_(True)
+
+    # -- merging --
+
+    def merge_adapter(self, adapter_names=None) -> None:
+        """Fold adapters (default: the active ones) into the base weights."""
+        if adapter_names is not None:
+            self._check_names(adapter_names)
+        for m in self._adapter_modules():
+            if isinstance(m, LoraLayer):
+                m.merge(adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for m in self._adapter_modules():
+            if isinstance(m, LoraLayer):
+                m.unmerge()
+
+    def merge_and_unload(self, adapter_names=None) -> nn.Module:
+        """The plain base model with the adapters folded into its weights (and the active adapter's trained
+        copies of modules_to_save in place); no wrapper is left."""
+        self.merge_adapter(adapter_names)
+        return self._unload(keep_copies=True)
+
+    def unload(self) -> nn.Module:
+        """The plain base model as it was: merged adapters are taken out, LoRA dropped, original modules back."""
+        self.unmerge_adapter()
+        return self._unload(keep_copies=False)
+
+    def _unload(self, keep_copies: bool) -> nn.Module:
+        model = self.base_model.model
+        for path, m in list(base_modules(model)):
+            if isinstance(m, LoraLayer):
+                model.set_submodule(path, m.base_layer)
+            elif isinstance(m, ModulesToSaveWrapper):
+                active = next((a for a in self._active if a in m.modules_to_save), None)
+                model.set_submodule(path, m.module_for(active) if keep_copies else m.original_module)
+        self.peft_config.clear()
+        self._active = []
+        return model
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name: str, combination_type: str = "svd",
+                             svd_rank=None) -> None:
+        """A new adapter mixing `adapters` with `weights` (see lora.combine_adapters): "cat" (rank = sum of
+        ranks, exact), "svd" (rank svd_rank, default the largest rank; exact at full rank) or "linear"
+        (equal ranks, PEFT's approximation). The new adapter has lora_alpha = r, so scaling 1."""
+        self._check_names(adapters)
+        if len(weights) != len(adapters):
+            raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+        if combination_type not in ("svd", "linear", "cat"):
+            raise ValueError(f"combination_type={combination_type!r} must be 'svd', 'linear' or 'cat'")
+        configs = [self.peft_config[a] for a in adapters]
+        combination_type = "linear" if len(adapters) == 1 else combination_type
+        ranks = [max([c.r, *c.rank_pattern.values()]) for c in configs]
+        if combination_type == "linear" and len(set(ranks)) > 1:
+            raise ValueError(f"combination_type='linear' needs equal ranks; {adapters} have {ranks}")
+        rank = {"linear": ranks[0], "cat": sum(ranks), "svd": svd_rank or max(ranks)}[combination_type]
+        kinds = {isinstance(c.target_modules, str) for c in configs}
+        if len(kinds) > 1:
+            raise ValueError("cannot combine adapters whose target_modules mix regex strings and lists")
+        targets = ("|".join(f"({c.target_modules})" for c in configs) if kinds == {True}
+                   else list(dict.fromkeys(t for c in configs for t in c.target_modules)))
+        self.add_adapter(adapter_name, replace(configs[0], r=rank, lora_alpha=rank, target_modules=targets,
+                                               rank_pattern={}, alpha_pattern={}, use_rslora=False))
+        for m in self._adapter_modules():
+            if isinstance(m, LoraLayer) and adapter_name in m.lora_A:
+                A, B = combine_adapters(m, adapters, weights, combination_type, rank)
+                with torch.no_grad():
+                    m.lora_A[adapter_name].weight.copy_(A)
+                    m.lora_B[adapter_name].weight.copy_(B)
+
+    # -- counting --
+
+    def get_nb_trainable_parameters(self) -> tuple:
+        """(trainable, all) parameter counts, each shared parameter counted once (PEFT's numbers)."""
+        counts = [(p.numel(), p.requires_grad) for p in self.parameters()]
+        return sum(n for n, t in counts if t), sum(n for n, _ in counts)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- files (FORMATS C) --
+
+    def adapter_tensors(self, adapter_name: str) -> dict:
+        """{file key: live tensor} of what adapter_model.safetensors holds for this adapter (FORMATS C.2)."""
+        return io.adapter_tensors(self.base_model.model, adapter_name, self.peft_config[adapter_name].bias)
+
+    def save_pretrained(self, save_directory, selected_adapters=None) -> None:
+        """adapter_config.json + adapter_model.safetensors per adapter, PEFT's format; adapters other than
+        "default" go into a subfolder named after them. Each file is written atomically."""
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        self._check_names(names)
+        for name in names:
+            folder = Path(save_directory) if name == "default" else Path(save_directory) / name
+            config = replace(self.peft_config[name], inference_mode=True)
+            io.write_adapter(folder, config.to_dict(), self.adapter_tensors(name))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
+                        autocast_adapter_dtype: bool = True) -> "PeftModel":
+        """Wrap `model` with the adapter saved at `model_id`; the file is checked in full first."""
+        config, tensors = _read_checked(model, model_id, is_trainable)
+        peft = cls(model, config, adapter_name, autocast_adapter_dtype)
+        peft._copy_in(adapter_name, tensors)
+        return peft
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add the adapter saved at `model_id` under `adapter_name` (not activated, as in PEFT)."""
+        config, tensors = _read_checked(self.base_model.model, model_id, is_trainable)
+        self.add_adapter(adapter_name, config)
+        self._copy_in(adapter_name, tensors)
+
+    @torch.no_grad()
+    def _copy_in(self, adapter_name: str, tensors: dict) -> None:
+        live = self.adapter_tensors(adapter_name)
+        assert live.keys() == tensors.keys(), sorted(live.keys() ^ tensors.keys())
+        for key, tensor in tensors.items():
+            live[key].copy_(tensor)
+
+
+def _read_checked(model: nn.Module, model_id, is_trainable: bool) -> tuple:
+    """(config, tensors by expected key) of a saved adapter, checked against `model` before it is touched."""
+    config, tensors, config_file, weights_file = io.read_adapter(model_id)
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"{config_file}: peft_type={config.peft_type!r} is not LoRA")
+    config = replace(config, inference_mode=not is_trainable)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fan_in_fan_out correction is announced when the adapter is added
+            resolved, plan = resolve_config(model, config)
+        expected = io.expected_shapes(model, plan, find_modules_to_save(model, resolved), resolved.bias)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from None
+    return config, io.match_tensors(tensors, expected, weights_file)
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True) -> PeftModel:
+    """Wrap `model`: LoRA on the targeted modules, trainable copies of modules_to_save, everything else frozen.
+
+    autocast_adapter_dtype: adapters of fp16/bf16 layers are kept in fp32 (PEFT's default; such layers
+    then run the unfused two-path forward); False keeps them in the layer's dtype (one fused kernel).
+    """
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)

@@ -1,0 +1,114 @@
+"""Interop with peft 0.21 on transformers' tiny random GPT-2 and T5: an adapter peft saves loads here with
+the same logits, one saved here loads in peft with the same logits, adapter_config.json survives both
+ways, and the trainable-parameter counts agree (FORMATS C).
+
+modules_to_save is exercised on the final layer norms (GPT-2 `ln_f`, T5 `final_layer_norm`): peft
+supports any module there, and the norms avoid the lm_head/embedding tying that makes `lm_head` awkward.
+"""
+import json
+import warnings
+
+import pytest
+import torch
+
+import lowrank
+import models
+
+from ..helpers import assert_close_rel
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+CASES = {
+    "gpt2-three-targets": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"])),
+    "gpt2-rank-alpha-patterns": ("gpt2", dict(r=4, target_modules=["c_attn", "c_fc"], rank_pattern={"c_fc": 2},
+                                              alpha_pattern={r"h.1.attn.c_attn": 32})),
+    "gpt2-rslora-bias-ln_f": ("gpt2", dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["c_attn"],
+                                           bias="lora_only", modules_to_save=["ln_f"])),
+    "gpt2-layer-1-only": ("gpt2", dict(r=3, target_modules=["c_attn"], layers_to_transform=[1], layers_pattern="h")),
+    "t5-default-targets": ("t5", dict(r=4)),
+    "t5-all-patterns-rslora": ("t5", dict(r=2, use_rslora=True, lora_alpha=6, target_modules=["q", "k", "v", "o", "wi", "wo"],
+                                          rank_pattern={"wo": 3}, alpha_pattern={"q": 5})),
+    "t5-regex-final-norms": ("t5", dict(r=4, target_modules=r".*decoder.*(SelfAttention|EncDecAttention)\.(q|v)",
+                                        modules_to_save=["final_layer_norm"])),
+}
+TASK = {"gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
+
+
+def hf_model(kind):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64,
+                                         bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(config).eval()
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0)
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def inputs(kind):
+    ids = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    return dict(input_ids=ids) if kind == "gpt2" else dict(input_ids=ids, decoder_input_ids=ids[:, :6])
+
+
+@torch.no_grad()
+def perturb_non_lora(model):
+    """Move trainable biases and module copies off their base values, so that files must carry them."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_" not in name:
+            p.add_(0.1 * torch.randn_like(p))
+
+
+@pytest.fixture(params=list(CASES))
+def case(request, tmp_path):
+    """(kind, LoraConfig kwargs, folder with transformers' base checkpoint)."""
+    kind, kwargs = CASES[request.param]
+    hf_model(kind).save_pretrained(tmp_path / "base")
+    return kind, dict(kwargs, task_type=TASK[kind], init_lora_weights=False), tmp_path
+
+
+def test_peft_adapter_loads_here_with_the_same_logits(case):
+    kind, kwargs, tmp = case
+    hf = transformers.AutoModelForCausalLM if kind == "gpt2" else transformers.AutoModelForSeq2SeqLM
+    theirs = peft.get_peft_model(hf.from_pretrained(tmp / "base").eval(), peft.LoraConfig(**kwargs))
+    perturb_non_lora(theirs)
+    theirs.save_pretrained(tmp / "adapter")
+    ours = lowrank.PeftModel.from_pretrained(models.from_pretrained(tmp / "base"), tmp / "adapter")
+    with torch.no_grad():
+        assert_close_rel(ours(**inputs(kind)).logits, theirs(**inputs(kind)).logits, rtol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every key peft writes is known here
+        saved = lowrank.config_from_dict(json.loads((tmp / "adapter" / "adapter_config.json").read_text()))
+    theirs_config = theirs.peft_config["default"]
+    for field in ("r", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save",
+                  "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "task_type"):
+        assert getattr(saved, field) == getattr(theirs_config, field), field
+    targets = theirs_config.target_modules  # peft keeps a list as a set
+    assert saved.target_modules == targets if isinstance(targets, str) else set(saved.target_modules) == targets
+
+
+def test_adapter_saved_here_loads_in_peft_with_the_same_logits(case):
+    kind, kwargs, tmp = case
+    ours = lowrank.get_peft_model(models.from_pretrained(tmp / "base"), lowrank.LoraConfig(**kwargs))
+    perturb_non_lora(ours)
+    ours.save_pretrained(tmp / "adapter")
+    hf = transformers.AutoModelForCausalLM if kind == "gpt2" else transformers.AutoModelForSeq2SeqLM
+    theirs = peft.PeftModel.from_pretrained(hf.from_pretrained(tmp / "base").eval(), tmp / "adapter")
+    with torch.no_grad():
+        assert_close_rel(theirs(**inputs(kind)).logits, ours(**inputs(kind)).logits, rtol=1e-4)
+    loaded = peft.LoraConfig.from_pretrained(tmp / "adapter")
+    ours_config = ours.peft_config["default"]
+    for field in ("r", "lora_alpha", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save", "rank_pattern",
+                  "alpha_pattern", "layers_to_transform", "layers_pattern", "task_type"):
+        assert getattr(loaded, field) == getattr(ours_config, field), field
+    assert loaded.inference_mode is True
+
+
+def test_trainable_parameter_counts_match_peft(case):
+    kind, kwargs, tmp = case
+    hf = transformers.AutoModelForCausalLM if kind == "gpt2" else transformers.AutoModelForSeq2SeqLM
+    theirs = peft.get_peft_model(hf.from_pretrained(tmp / "base"), peft.LoraConfig(**kwargs))
+    ours = lowrank.get_peft_model(models.from_pretrained(tmp / "base"), lowrank.LoraConfig(**kwargs))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()

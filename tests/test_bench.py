@@ -1,0 +1,36 @@
+"""Every benchmark runs end to end in its --quick mode and writes its JSON rows.
+
+The timings of a smoke run mean nothing; what is checked is that the scripts still run against the
+current API, that their correctness checks pass, and that each row carries its timings.
+"""
+import json
+
+import pytest
+
+from bench import fused_vs_merged, lora_train_cpu, mixed_adapters, model_cpu
+
+
+def rows_of(path):
+    return json.loads(path.read_text())["rows"]
+
+
+def test_fused_vs_merged_quick(tmp_path):
+    fused_vs_merged.main(["--quick", "--out", str(tmp_path)])
+    rows = rows_of(tmp_path / "fused_vs_merged_cpu.json")
+    assert {r["pass_"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert all(r[f"{name}_ms"][0] > 0 for r in rows for name in ("fused", "merged", "unfused"))
+
+
+def test_mixed_adapters_quick(tmp_path):
+    mixed_adapters.main(["--quick", "--out", str(tmp_path)])
+    rows = rows_of(tmp_path / "mixed_adapters_cpu.json")
+    assert sorted({r["adapters"] for r in rows}) == [1, 16]
+    assert all(r[f"{name}_ms"][0] > 0 for r in rows for name in ("batched", "loop", "single"))
+
+
+@pytest.mark.parametrize("bench", [model_cpu, lora_train_cpu], ids=["model_cpu", "lora_train_cpu"])
+def test_against_transformers_and_peft_quick(tmp_path, bench):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    rows = bench.main(["--quick", "--threads", "1", "--repeats", "2", "--json", str(tmp_path / "out.json")])
+    assert rows == rows_of(tmp_path / "out.json")
