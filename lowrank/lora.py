@@ -12,6 +12,7 @@ import math
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -131,12 +132,42 @@ class LoraLayer(nn.Module):
         the LoRA dtype for the low-rank path, then the sum back to the base output's dtype; e.g. fp32
         adapters on a bf16 model).
         """
-        A, B, base = self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer
-        live_dropout = self.training and isinstance(self.lora_dropout[name], nn.Dropout)
-        if live_dropout or not x.dtype == A.dtype == base.weight.dtype:
-            return self._add_low_rank(base(x), x, name)
-        W = base.weight if self.fan_in_fan_out else base.weight.T
-        return kernels.lora_matmul(x, W, A.T, B.T, self.scaling[name], base.bias)
+        if not self.fusable(x, [name]):
+            return self._add_low_rank(self.base_layer(x), x, name)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        return kernels.lora_matmul(x, self.weight_kn(), A.T, B.T, self.scaling[name], self.base_layer.bias)
+
+    def fusable(self, x: torch.Tensor, names) -> bool:
+        """Whether these adapters can run in one kernel with the base: no live dropout and one dtype."""
+        if self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) for n in names):
+            return False
+        return all(x.dtype == self.lora_A[n].weight.dtype == self.base_layer.weight.dtype for n in names)
+
+    def weight_kn(self) -> torch.Tensor:
+        """The base weight seen as (in, out), a view of either layout."""
+        weight = self.base_layer.weight
+        return weight if self.fan_in_fan_out else weight.T
+
+    def adapter_stacks(self, names) -> tuple:
+        """(A_stack (n, in, r_max), B_stack (n, r_max, out), scales (n,) fp32) of these adapters, lower
+        ranks zero-padded, for kernels.lora_matmul_batched.
+
+        Without autograd the stacks are cached until a factor changes (an in-place update bumps its
+        version counter), so decoding does not rebuild them every step.
+        """
+        factors = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
+        key = tuple((id(a), a._version, id(b), b._version, self.scaling[n]) for n, (a, b) in zip(names, factors))
+        tracked = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in factors)
+        cached = getattr(self, "_stacks", None)
+        if not tracked and cached is not None and cached[0] == key:
+            return cached[1]
+        r_max = max(a.shape[0] for a, _ in factors)
+        A = torch.stack([F.pad(a.T, (0, r_max - a.shape[0])) for a, _ in factors])
+        B = torch.stack([F.pad(b.T, (0, 0, 0, r_max - b.shape[1])) for _, b in factors])
+        scales = torch.tensor([self.scaling[n] for n in names], dtype=torch.float32, device=A.device)
+        if not tracked:
+            self._stacks = (key, (A, B, scales))
+        return A, B, scales
 
     def _add_low_rank(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
@@ -197,12 +228,23 @@ def group_rows(x: torch.Tensor, adapter_names, known, fn) -> torch.Tensor:
 def mixed_batch_forward(layer: LoraLayer, x: torch.Tensor, adapter_names) -> torch.Tensor:
     """Each row of x (B, ..., in) through the base plus its own adapter -> (B, ..., out).
 
-    adapter_names: B names, BASE (or a name this layer lacks) for the base alone. One fused call per
-    distinct adapter on its gathered rows. Kept behind this one function so that a batched kernel
-    (one launch for all adapters) can replace the loop.
+    adapter_names: B names, BASE (or a name this layer lacks) for the base alone. One
+    kernels.lora_matmul_batched call for the whole batch; live dropout or a LoRA dtype other than x's
+    falls back to the base plus one low-rank pass per adapter on its gathered rows, as PEFT runs it.
     """
-    return group_rows(x, adapter_names, layer.lora_A,
-                      lambda name, rows: layer.base_layer(rows) if name == BASE else layer.adapter_forward(rows, name))
+    if len(adapter_names) != x.shape[0]:
+        raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]} rows")
+    names = [n for n in dict.fromkeys(adapter_names) if n in layer.lora_A]
+    if not names:
+        return layer.base_layer(x)
+    if not layer.fusable(x, names):
+        return group_rows(x, adapter_names, layer.lora_A,
+                          lambda name, rows: layer.base_layer(rows) if name == BASE else layer.adapter_forward(rows, name))
+    A, B, scales = layer.adapter_stacks(names)
+    slot = {n: i for i, n in enumerate(names)}
+    index = torch.tensor([slot.get(n, -1) for n in adapter_names], device=x.device)
+    index = index.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
+    return kernels.lora_matmul_batched(x, layer.weight_kn(), A, B, scales, index, layer.base_layer.bias)
 
 
 class ModulesToSaveWrapper(nn.Module):

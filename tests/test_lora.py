@@ -9,10 +9,13 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from torch import nn
 
+import kernels
+from lowrank import LoraConfig, get_peft_model
 from lowrank.lora import BASE, LoraLayer, combine_adapters, mixed_batch_forward
 from models.gpt2 import Conv1D
 
-from .helpers import assert_close_rel
+from .helpers import assert_close_rel, tiny_gpt2
+from .kernel_checks import backend
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -235,3 +238,66 @@ def test_linear_combination_of_one_adapter_is_its_weighted_delta():
     assert_close_rel(B.double() @ A.double(), -0.5 * delta64(layer, "a"), torch.float32)
     with pytest.raises(ValueError, match="equal ranks"):
         combine_adapters(layer, ["a", "b"], [1, 1], "linear", 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mixed_batch_on_the_triton_kernels_equals_the_torch_path(dtype):
+    """The layer's batched call through the Triton kernels (interpreted without a GPU), ranks 3 and 4."""
+    c = dict(kind="conv1d", K=19, N=13, r=3, alpha=8, rslora=False, bias=True, dtype=dtype, B=5, T=3, seed=7)
+    layer = make_layer(c, adapters=("a", "b"))
+    x, names = inputs(c), ["b", BASE, "a", "b", "elsewhere"]
+    with backend("torch"):
+        want = mixed_batch_forward(layer, x, names)
+    with backend("triton"):
+        got = mixed_batch_forward(layer, x, names)
+    assert_close_rel(got, want.double(), dtype)
+
+
+def test_a_mixed_batch_is_one_batched_call_per_layer(monkeypatch):
+    peft = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                                  init_lora_weights=False))
+    peft.add_adapter("other", LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False))
+    calls = []
+    batched = kernels.lora_matmul_batched
+    monkeypatch.setattr(kernels, "lora_matmul_batched", lambda *a, **k: calls.append(a[0].shape) or batched(*a, **k))
+    ids = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(0))
+    peft(ids, adapter_names=["other", "default", BASE, "other"])
+    assert len(calls) == sum(isinstance(m, LoraLayer) for m in peft.modules()) == 4
+
+
+@given(layer_cases())
+def test_training_two_adapters_in_one_mixed_batch_gives_each_its_own_gradients(c):
+    """Gradients of a mixed batch equal the sums over each adapter's rows run alone."""
+    c = {**c, "dtype": torch.float32, "B": 4}
+    note(c)
+    layer = make_layer(c, adapters=("a", "b"))
+    x, names = inputs(c), ["a", "b", BASE, "a"]
+    weights = torch.randn(*x.shape[:-1], c["N"], generator=torch.Generator().manual_seed(1))
+    (mixed_batch_forward(layer, x, names) * weights).sum().backward()
+    mixed = {n: (layer.lora_A[n].weight.grad.clone(), layer.lora_B[n].weight.grad.clone()) for n in "ab"}
+    layer.zero_grad()
+    for i, name in enumerate(names):
+        if name != BASE:  # the base row adds nothing to either adapter
+            layer.active_adapters = [name]
+            (layer(x[i : i + 1]) * weights[i : i + 1]).sum().backward()
+    for n in "ab":
+        assert_close_rel(mixed[n][0], layer.lora_A[n].weight.grad.double())
+        assert_close_rel(mixed[n][1], layer.lora_B[n].weight.grad.double())
+
+
+def test_cached_stacks_follow_in_place_updates_and_scale_changes():
+    c = dict(kind="linear", K=9, N=7, r=2, alpha=4, rslora=False, bias=False, dtype=torch.float32, B=3, T=2, seed=3)
+    layer = make_layer(c, adapters=("a", "b"))
+    x, names = inputs(c), ["a", "b", "a"]
+    changes = [lambda: layer.lora_B["b"].weight.mul_(-2.0),  # as an optimizer step does: in place
+               lambda: layer.set_scale("a", 3.0)]
+    for change in changes:
+        with torch.no_grad():
+            before = mixed_batch_forward(layer, x, names)
+            change()
+            after = mixed_batch_forward(layer, x, names)
+        assert not torch.allclose(before, after)
+        for i, name in enumerate(names):
+            layer.active_adapters = [name]
+            with torch.no_grad():
+                assert_close_rel(after[i], layer(x[i : i + 1])[0].double())
