@@ -1,6 +1,10 @@
-"""lowrank: parameter-efficient fine-tuning (LoRA) for GPT-2 and T5, with PEFT's API names and file format."""
-from .config import CONFIG_CLASSES, LoraConfig, PeftConfig, config_from_dict
+"""lowrank: parameter-efficient fine-tuning (LoRA, prompt tuning, prefix tuning, P-tuning) for GPT-2 and T5,
+with PEFT's API names and file format."""
+from .config import (CONFIG_CLASSES, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
+                     PromptLearningConfig, PromptTuningConfig, config_from_dict)
 from .lora import LoraLayer
 from .peft_model import PeftModel, get_peft_model
 
-__all__ = ["CONFIG_CLASSES", "LoraConfig", "LoraLayer", "PeftConfig", "PeftModel", "config_from_dict", "get_peft_model"]
+__all__ = ["CONFIG_CLASSES", "LoraConfig", "LoraLayer", "PeftConfig", "PeftModel", "PrefixTuningConfig",
+           "PromptEncoderConfig", "PromptLearningConfig", "PromptTuningConfig",
+           "config_from_dict", "get_peft_model"]

@@ -1,4 +1,5 @@
-"""PEFT method configs: dataclasses with PEFT's field names and defaults, and their JSON round trip.
+"""PEFT method configs (LoRA, FORMATS C; soft prompts, FORMATS D-F): dataclasses with PEFT's field names and
+defaults, and their JSON round trip.
 
 `PeftConfig` holds what every method shares; each method adds its fields and fixes `peft_type`.
 `config_from_dict` reads an adapter_config.json dict, dispatching on its `peft_type` (FORMATS C.1).
@@ -35,6 +36,11 @@ def _as_names(owner: str, field_name: str, value):
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         return list(dict.fromkeys(sorted(value) if isinstance(value, (set, frozenset)) else value))
     raise ValueError(f"{owner}: {field_name}={value!r} must be None, a regex string or a list of module names")
+
+
+def _check_int(owner: str, field_name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}: {field_name}={value!r} must be an integer >= {minimum}")
 
 
 @dataclass(kw_only=True)
@@ -133,8 +139,7 @@ class LoraConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         name = type(self).__name__
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"{name}: r={self.r!r} must be an integer >= 1")
+        _check_int(name, "r", self.r, 1)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"{name}: lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if self.bias not in ("none", "all", "lora_only"):
@@ -194,7 +199,127 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
-CONFIG_CLASSES = {cls.peft_type: cls for cls in (LoraConfig,)}
+@dataclass(kw_only=True)
+class PromptLearningConfig(PeftConfig):
+    """Fields every soft-prompt method shares (FORMATS D.1). Those left None are filled from the model's
+    config when the adapter is added (lowrank.prompts.resolve_config).
+
+    num_virtual_tokens: N, the prompt length (required, >= 1).
+    token_dim: the model's hidden size; num_layers, num_attention_heads: the model's layer and head counts.
+    num_transformer_submodules: 2 for SEQ_2_SEQ_LM (the saved prompt has 2N rows), else 1.
+    """
+
+    num_virtual_tokens: Optional[int] = None
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        _check_int(name, "num_virtual_tokens", self.num_virtual_tokens, 1)
+        for field_name in ("token_dim", "num_attention_heads", "num_layers"):
+            if getattr(self, field_name) is not None:
+                _check_int(name, field_name, getattr(self, field_name), 1)
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ValueError(f"{name}: num_transformer_submodules={self.num_transformer_submodules!r} must be 1 or 2")
+        if self.modules_to_save is not None:
+            raise ValueError(f"{name}: modules_to_save={self.modules_to_save!r} is not supported with soft prompts")
+
+
+@dataclass(kw_only=True)
+class PromptTuningConfig(PromptLearningConfig):
+    """Prompt tuning (Lester et al. 2021): N learned embeddings prepended to the input embeddings (FORMATS D).
+
+    prompt_tuning_init: "RANDOM" (N(0, 1)), "TEXT" (the model's embeddings of prompt_tuning_init_text,
+        tokenised by tokenizer_name_or_path/tokenizer.json, repeated or cut to N rows per submodule) or
+        "SAMPLE_VOCAB" (embeddings of random vocabulary tokens).
+    tokenizer_kwargs: PEFT passes them to AutoTokenizer; models.load_tokenizer takes none, so only
+        None or {} can be honoured.
+    """
+
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: Optional[str] = None
+    tokenizer_name_or_path: Optional[str] = None
+    tokenizer_kwargs: Optional[dict] = None
+
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        if self.prompt_tuning_init not in ("RANDOM", "TEXT", "SAMPLE_VOCAB"):
+            raise ValueError(f"{name}: prompt_tuning_init={self.prompt_tuning_init!r} must be 'RANDOM', 'TEXT' "
+                             f"or 'SAMPLE_VOCAB'")
+        if self.prompt_tuning_init == "TEXT":
+            if not self.tokenizer_name_or_path:
+                raise ValueError(f"{name}: tokenizer_name_or_path={self.tokenizer_name_or_path!r}, but "
+                                 f"prompt_tuning_init='TEXT' needs a folder with tokenizer.json")
+            if not self.prompt_tuning_init_text:
+                raise ValueError(f"{name}: prompt_tuning_init_text={self.prompt_tuning_init_text!r}, but "
+                                 f"prompt_tuning_init='TEXT' needs a non-empty text (a zero-length prompt)")
+        elif self.tokenizer_kwargs:
+            raise ValueError(f"{name}: tokenizer_kwargs={self.tokenizer_kwargs!r} is only valid with "
+                             f"prompt_tuning_init='TEXT'")
+
+
+@dataclass(kw_only=True)
+class PrefixTuningConfig(PromptLearningConfig):
+    """Prefix tuning (Li & Liang 2021): N learned keys and values per layer, before the tokens' own (FORMATS E).
+
+    prefix_projection: train an embedding (N, token_dim) through Linear(token_dim, encoder_hidden_size),
+        Tanh, Linear(encoder_hidden_size, 2 num_layers token_dim); files hold only the projected prefix.
+    encoder_hidden_size: None means token_dim.
+    init_weights: None (nn.Embedding / nn.Linear init) or "zero" (the prefix, or the last Linear, starts at 0).
+    """
+
+    encoder_hidden_size: Optional[int] = None
+    prefix_projection: bool = False
+    init_weights: Optional[str] = None
+
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"{name}: init_weights={self.init_weights!r} must be None or 'zero'")
+        if self.encoder_hidden_size is not None:
+            _check_int(name, "encoder_hidden_size", self.encoder_hidden_size, 1)
+
+
+@dataclass(kw_only=True)
+class PromptEncoderConfig(PromptLearningConfig):
+    """P-tuning (Liu et al. 2021): prompt rows produced by an MLP or a bidirectional LSTM + MLP from a learned
+    embedding (FORMATS F); files hold only the encoder's output.
+
+    encoder_hidden_size: the heads' width (None means token_dim); encoder_num_layers: LSTM layers (the MLP
+    always has three Linear layers); encoder_dropout: between LSTM layers.
+    """
+
+    encoder_reparameterization_type: str = "MLP"
+    encoder_hidden_size: Optional[int] = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+
+    peft_type: ClassVar[str] = "P_TUNING"
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        if self.encoder_reparameterization_type not in ("MLP", "LSTM"):
+            raise ValueError(f"{name}: encoder_reparameterization_type={self.encoder_reparameterization_type!r} "
+                             f"must be 'MLP' or 'LSTM'")
+        if self.encoder_hidden_size is not None:
+            _check_int(name, "encoder_hidden_size", self.encoder_hidden_size, 1)
+        _check_int(name, "encoder_num_layers", self.encoder_num_layers, 1)
+        if not 0.0 <= self.encoder_dropout < 1.0:
+            raise ValueError(f"{name}: encoder_dropout={self.encoder_dropout!r} must be in [0, 1)")
+
+
+CONFIG_CLASSES = {cls.peft_type: cls for cls in (LoraConfig, PromptTuningConfig, PrefixTuningConfig,
+                                                 PromptEncoderConfig)}
 
 
 def config_from_dict(d: dict, source: str = "config") -> PeftConfig:

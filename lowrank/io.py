@@ -1,4 +1,4 @@
-"""Adapter files in and out: adapter_config.json + adapter_model.safetensors, PEFT's format (FORMATS C).
+"""Adapter files in and out: adapter_config.json + adapter_model.safetensors, PEFT's format (FORMATS C-F).
 
 Which tensors a file holds, by key: `adapter_tensors` (from a model that has the adapter) and
 `expected_shapes` (from a plan, before the model is touched) describe the same layout. Reads go through
@@ -21,6 +21,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."  # every LoRA/bias/modules_to_save key in the file starts with it
+PROMPT_KEY = "prompt_embeddings"  # a soft prompt's file holds this one tensor (FORMATS D.2, E.2, F)
 
 
 def layer_biases(model: nn.Module, lora_paths, mode: str) -> dict:

@@ -1,8 +1,10 @@
-"""get_peft_model and PeftModel: LoRA layers injected by module name, the rest frozen, many adapters.
+"""get_peft_model and PeftModel: LoRA layers injected by module name, or soft prompts (lowrank.prompts) put
+into the model's inputs; the rest frozen; many adapters of one kind.
 
-Names follow PEFT so that code and state dicts carry over: `PeftModel.base_model.model` is the wrapped
-model, parameters read `base_model.model.<HF path>.lora_A.<adapter>.weight`, and a module in
-`modules_to_save` becomes `<path>.original_module` + `<path>.modules_to_save.<adapter>`.
+Names follow PEFT so that code and state dicts carry over. With LoRA, `PeftModel.base_model.model` is the
+wrapped model, parameters read `base_model.model.<HF path>.lora_A.<adapter>.weight`, and a module in
+`modules_to_save` becomes `<path>.original_module` + `<path>.modules_to_save.<adapter>`. With soft prompts,
+`PeftModel.base_model` is the model itself and the prompt encoders are `prompt_encoder.<adapter>.*`.
 """
 import warnings
 from contextlib import contextmanager
@@ -12,13 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import io
-from .config import LoraConfig
-from .lora import BASE, LoraLayer, ModulesToSaveWrapper, base_modules, combine_adapters, is_conv1d
-
-DEFAULT_TARGET_MODULES = {"gpt2": ["c_attn"], "t5": ["q", "v"], "mt5": ["q", "v"]}  # FORMATS C.4
-_ENCODER_DECODER_TASKS = {"CAUSAL_LM": False, "SEQ_2_SEQ_LM": True}
-
+from . import io, prompts
+from .config import PromptLearningConfig
+from .lora import BASE, LoraLayer, ModulesToSaveWrapper, base_modules, combine_adapters
+from .targets import find_modules_to_save, resolve_config
 
 class LoraModel(nn.Module):
     """Holds the wrapped model as `.model`, so parameter names read `base_model.model.<path>` as in PEFT."""
@@ -31,77 +30,21 @@ class LoraModel(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, LoraLayer)) or is_conv1d(module)
-
-
-def model_type(model: nn.Module):
-    """config.model_type, or config.to_dict()["model_type"] for config classes that keep it there."""
-    config = getattr(model, "config", None)
-    kind = getattr(config, "model_type", None)
-    if kind is None and hasattr(config, "to_dict"):
-        kind = config.to_dict().get("model_type")
-    return kind
-
-
-def find_targets(model: nn.Module, config: LoraConfig) -> dict:
-    """{module path: (r, lora_alpha)} for every module `config` targets; ValueError if there are none
-    or one is not a linear layer."""
-    targets = {}
-    for name, module in base_modules(model):
-        if config.is_target(name):
-            if not _is_linear(module):
-                raise ValueError(f"target {name!r} is a {type(module).__name__}; LoRA wraps nn.Linear and Conv1D layers")
-            targets[name] = config.rank_and_alpha(name)
-    if not targets:
-        linear = [name for name, module in base_modules(model) if _is_linear(module)]
-        raise ValueError(f"target_modules={config.target_modules!r} match no module of {type(model).__name__} "
-                         f"(layers_to_transform={config.layers_to_transform!r}); its linear modules include {linear[:6]}")
-    return targets
-
-
-def find_modules_to_save(model: nn.Module, config) -> list:
-    paths = [name for name, _ in base_modules(model) if config.is_module_to_save(name)]
-    if config.modules_to_save and not paths:
-        raise ValueError(f"modules_to_save={config.modules_to_save!r} match no module of {type(model).__name__}")
-    return paths
-
-
-def resolve_config(model: nn.Module, config: LoraConfig) -> tuple:
-    """(config as it applies to `model`, its targets): target_modules filled in (the model type's default;
-    "all-linear" -> the full names of every linear but the output head) and fan_in_fan_out set from the
-    targets' layout, as PEFT does. Raises ValueError, naming the problem, before anything changes."""
-    targets = config.target_modules
-    if targets is None:
-        if model_type(model) not in DEFAULT_TARGET_MODULES:
-            raise ValueError(f"target_modules=None: no default for model_type={model_type(model)!r}; "
-                             f"known defaults: {DEFAULT_TARGET_MODULES}")
-        targets = DEFAULT_TARGET_MODULES[model_type(model)]
-    elif isinstance(targets, str) and targets.lower() == "all-linear":
-        head = getattr(model, "lm_head", None)
-        targets = [name for name, m in base_modules(model) if _is_linear(m) and m is not head]
-    wants_enc_dec = _ENCODER_DECODER_TASKS.get(config.task_type)
-    is_enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    if wants_enc_dec is not None and wants_enc_dec != is_enc_dec:
-        raise ValueError(f"task_type={config.task_type!r} does not fit a {type(model).__name__}")
-    plan = find_targets(model, replace(config, target_modules=targets))
-    layers = [model.get_submodule(path) for path in plan]
-    fan_in_fan_out = any(m.fan_in_fan_out if isinstance(m, LoraLayer) else is_conv1d(m) for m in layers)
-    if fan_in_fan_out != config.fan_in_fan_out:
-        warnings.warn(f"fan_in_fan_out set to {fan_in_fan_out} to match the targeted layers' weight layout", stacklevel=3)
-    return replace(config, target_modules=targets, fan_in_fan_out=fan_in_fan_out), plan
-
-
 class PeftModel(nn.Module):
-    """A model with LoRA adapters. forward/generate take the base model's arguments (and return what it
-    returns), plus `adapter_names` (one per row; "__base__" for none) to mix adapters in a batch.
-    Attributes the wrapper lacks (config, prefill, decode_step, ...) are the base model's."""
+    """A model with LoRA adapters or soft prompts. forward/generate take the base model's arguments (and
+    return what it returns), plus, with LoRA, `adapter_names` (one per row; "__base__" for none) to mix
+    adapters in a batch. Attributes the wrapper lacks (config, prefill, decode_step, ...) are the base model's."""
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True):
         super().__init__()
-        self.base_model = LoraModel(model)
+        if isinstance(peft_config, PromptLearningConfig):
+            self.base_model = model
+            self.prompt_encoder = nn.ModuleDict()
+        else:
+            self.base_model = LoraModel(model)
         self.peft_config: dict = {}
+        self._prompt_disabled = False
         self._active = [adapter_name]
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self.add_adapter(adapter_name, peft_config)
@@ -112,7 +55,7 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-            return getattr(self.base_model.model, name)
+            return getattr(self.get_base_model(), name)
 
     @property
     def active_adapters(self) -> list:
@@ -124,21 +67,46 @@ class PeftModel(nn.Module):
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model.model
+        return self.base_model.model if isinstance(self.base_model, LoraModel) else self.base_model
+
+    @property
+    def _soft_prompts(self) -> bool:
+        return "prompt_encoder" in self._modules
 
     def _adapter_modules(self) -> list:
-        return [m for _, m in base_modules(self.base_model.model) if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+        return [m for _, m in base_modules(self.get_base_model()) if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
 
     # -- running --
 
     def forward(self, *args, adapter_names=None, **kwargs):
+        """With a soft prompt, input_ids may be positional; everything else goes by keyword."""
+        prompt = self._active_prompt(adapter_names)
+        if prompt is not None:
+            if len(args) > 1:
+                raise TypeError("with soft prompts pass only input_ids positionally, the rest by keyword")
+            config, encoder = prompt
+            kwargs.update(zip(["input_ids"], args))
+            return self.base_model(**prompts.prompt_inputs(self.base_model, config, encoder(), kwargs))
         with self._rows(adapter_names):
-            return self.base_model.model(*args, **kwargs)
+            return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args, adapter_names=None, **kwargs):
-        """The base model's generate; with adapter_names every decode step keeps each row's adapter."""
+        """The base model's generate; with adapter_names every decode step keeps each row's adapter; with a
+        soft prompt the prompt goes in at prefill and the output holds only real tokens."""
+        prompt = self._active_prompt(adapter_names)
+        if prompt is not None:
+            return prompts.PromptedGeneration(self.base_model, *prompt).generate(*args, **kwargs)
         with self._rows(adapter_names):
-            return self.base_model.model.generate(*args, **kwargs)
+            return self.get_base_model().generate(*args, **kwargs)
+
+    def _active_prompt(self, adapter_names):
+        """(config, prompt encoder) of the active soft prompt, or None with LoRA or inside disable_adapter()."""
+        if not self._soft_prompts or self._prompt_disabled:
+            return None
+        if adapter_names is not None:
+            raise ValueError("adapter_names (mixed-adapter batches) works with LoRA adapters, not soft prompts")
+        name = self._active[0]
+        return self.peft_config[name], self.prompt_encoder[name]
 
     @contextmanager
     def _rows(self, adapter_names):
@@ -165,21 +133,33 @@ class PeftModel(nn.Module):
         """Run the base model alone inside the block (merged adapters are unmerged first)."""
         layers = self._adapter_modules()
         was_disabled = [m.disable_adapters for m in layers]
+        prompt_was_disabled = self._prompt_disabled
         for m in layers:
             m.enable_adapters(False)
+        self._prompt_disabled = True
         try:
             yield
         finally:
             for m, disabled in zip(layers, was_disabled):
                 m.enable_adapters(not disabled)
+            self._prompt_disabled = prompt_was_disabled
 
     # -- adapters --
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
-        """Inject a new adapter (inactive unless it is the first). Everything is checked before the model
-        changes."""
+    def add_adapter(self, adapter_name: str, peft_config) -> None:
+        """Add a new adapter (inactive unless it is the first): LoRA layers, or a soft prompt's encoder.
+        Everything is checked before the model changes."""
         if adapter_name in self.peft_config or adapter_name == BASE:
             raise ValueError(f"adapter name {adapter_name!r} is taken")
+        if isinstance(peft_config, PromptLearningConfig) != self._soft_prompts:
+            have = "soft prompts" if self._soft_prompts else "LoRA adapters"
+            raise ValueError(f"cannot add a {peft_config.peft_type} adapter to a model with {have}")
+        if self._soft_prompts:
+            config = prompts.resolve_config(self.base_model, peft_config)
+            self.prompt_encoder[adapter_name] = prompts.build_encoder(config, self.base_model.get_input_embeddings())
+            self.peft_config[adapter_name] = config
+            self._sync()
+            return
         model = self.base_model.model
         config, plan = resolve_config(model, peft_config)
         to_save = find_modules_to_save(model, config)
@@ -206,6 +186,8 @@ class PeftModel(nn.Module):
         inference). Merged adapters are unmerged first, as PEFT does."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_names(names)
+        if self._soft_prompts and len(names) > 1:
+            raise ValueError(f"soft prompts are active one at a time, got {names}")
         if any(getattr(m, "merged_adapters", None) for m in self._adapter_modules()):
             warnings.warn("unmerging the merged adapters before switching", stacklevel=2)
             self.unmerge_adapter()
@@ -219,6 +201,8 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")
         for m in layers:
             m.delete_adapter(adapter_name)
+        if self._soft_prompts:
+            del self.prompt_encoder[adapter_name]
         del self.peft_config[adapter_name]
         self._active = [a for a in self._active if a != adapter_name] or list(self.peft_config)[:1]
         self._sync()
@@ -230,14 +214,17 @@ class PeftModel(nn.Module):
 
     def _sync(self) -> None:
         """Push the active adapters to every layer and set requires_grad: the active adapters' LoRA factors,
-        module copies and selected biases train (unless loaded for inference); everything else is frozen."""
-        model = self.base_model.model
+        module copies and selected biases, or prompt encoder, train (unless loaded for inference); everything
+        else is frozen."""
+        model = self.get_base_model()
         trainable = {a for a in self._active if not self.peft_config[a].inference_mode}
         bias_params = {}
-        for a in trainable:
+        for a in trainable if not self._soft_prompts else ():
             paths = {n for n, m in base_modules(model) if isinstance(m, LoraLayer) and a in m.lora_A}
             bias_params.update(io.layer_biases(model, paths, self.peft_config[a].bias))
         model.requires_grad_(False)
+        for adapter, encoder in (self.prompt_encoder.items() if self._soft_prompts else ()):
+            encoder.requires_grad_(adapter in trainable)
         for m in self._adapter_modules():
             m.active_adapters = list(self._active)
             for table in [m.modules_to_save] if isinstance(m, ModulesToSaveWrapper) else [m.lora_A, m.lora_B]:
@@ -250,6 +237,8 @@ class PeftModel(nn.Module):
 
     def merge_adapter(self, adapter_names=None) -> None:
         """Fold adapters (default: the active ones) into the base weights."""
+        if self._soft_prompts:
+            raise ValueError("soft prompts cannot be merged into the weights")
         if adapter_names is not None:
             self._check_names(adapter_names)
         for m in self._adapter_modules():
@@ -273,7 +262,7 @@ class PeftModel(nn.Module):
         return self._unload(keep_copies=False)
 
     def _unload(self, keep_copies: bool) -> nn.Module:
-        model = self.base_model.model
+        model = self.get_base_model()
         for path, m in list(base_modules(model)):
             if isinstance(m, LoraLayer):
                 model.set_submodule(path, m.base_layer)
@@ -289,6 +278,8 @@ class PeftModel(nn.Module):
         """A new adapter mixing `adapters` with `weights` (see lora.combine_adapters): "cat" (rank = sum of
         ranks, exact), "svd" (rank svd_rank, default the largest rank; exact at full rank) or "linear"
         (equal ranks, PEFT's approximation). The new adapter has lora_alpha = r, so scaling 1."""
+        if self._soft_prompts:
+            raise ValueError("add_weighted_adapter combines LoRA adapters, not soft prompts")
         self._check_names(adapters)
         if len(weights) != len(adapters):
             raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
@@ -328,7 +319,10 @@ class PeftModel(nn.Module):
     # -- files (FORMATS C) --
 
     def adapter_tensors(self, adapter_name: str) -> dict:
-        """{file key: live tensor} of what adapter_model.safetensors holds for this adapter (FORMATS C.2)."""
+        """{file key: tensor} of what adapter_model.safetensors holds for this adapter (FORMATS C.2; a soft
+        prompt: its encoder's output, FORMATS D.2, E.2, F). Live parameters where the file holds parameters."""
+        if self._soft_prompts:
+            return {io.PROMPT_KEY: self.prompt_encoder[adapter_name]()}
         return io.adapter_tensors(self.base_model.model, adapter_name, self.peft_config[adapter_name].bias)
 
     def save_pretrained(self, save_directory, selected_adapters=None) -> None:
@@ -352,7 +346,7 @@ class PeftModel(nn.Module):
 
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False) -> None:
         """Add the adapter saved at `model_id` under `adapter_name` (not activated, as in PEFT)."""
-        config, tensors = _read_checked(self.base_model.model, model_id, is_trainable)
+        config, tensors = _read_checked(self.get_base_model(), model_id, is_trainable)
         self.add_adapter(adapter_name, config)
         self._copy_in(adapter_name, tensors)
 
@@ -367,22 +361,28 @@ class PeftModel(nn.Module):
 def _read_checked(model: nn.Module, model_id, is_trainable: bool) -> tuple:
     """(config, tensors by expected key) of a saved adapter, checked against `model` before it is touched."""
     config, tensors, config_file, weights_file = io.read_adapter(model_id)
-    if not isinstance(config, LoraConfig):
-        raise ValueError(f"{config_file}: peft_type={config.peft_type!r} is not LoRA")
     config = replace(config, inference_mode=not is_trainable)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the fan_in_fan_out correction is announced when the adapter is added
-            resolved, plan = resolve_config(model, config)
-        expected = io.expected_shapes(model, plan, find_modules_to_save(model, resolved), resolved.bias)
+        if isinstance(config, PromptLearningConfig):
+            if is_trainable:
+                raise ValueError("soft prompts load for inference only (is_trainable=False), as in PEFT: the file "
+                                 "holds the prompt, not the encoder that was trained to produce it")
+            expected = {io.PROMPT_KEY: prompts.prompt_shape(prompts.resolve_config(model, config))}
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the fan_in_fan_out correction is announced when the adapter is added
+                resolved, plan = resolve_config(model, config)
+            expected = io.expected_shapes(model, plan, find_modules_to_save(model, resolved), resolved.bias)
     except ValueError as e:
         raise ValueError(f"{config_file}: {e}") from None
     return config, io.match_tensors(tensors, expected, weights_file)
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default",
                    autocast_adapter_dtype: bool = True) -> PeftModel:
-    """Wrap `model`: LoRA on the targeted modules, trainable copies of modules_to_save, everything else frozen.
+    """Wrap `model`: LoRA on the targeted modules and trainable copies of modules_to_save (a LoraConfig), or a
+    trainable soft prompt (a PromptTuningConfig, PrefixTuningConfig or PromptEncoderConfig); everything else
+    frozen.
 
     autocast_adapter_dtype: adapters of fp16/bf16 layers are kept in fp32 (PEFT's default; such layers
     then run the unfused two-path forward); False keeps them in the layer's dtype (one fused kernel).

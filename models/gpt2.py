@@ -114,15 +114,23 @@ def attention_mask_for(key_mask, n_new: int, n_keys: int, device):
     return allowed, False
 
 
+def past_length(past, n_layer: int) -> int:
+    """Tokens held by past_key_values (None or one (k, v) per layer, each (B, H, T, head_dim)); ValueError
+    if it does not have n_layer layers."""
+    if past is None:
+        return 0
+    if len(past) != n_layer:
+        raise ValueError(f"past_key_values has {len(past)} layers, the model has n_layer={n_layer}")
+    return past[0][0].size(2)
+
+
 class ConcatCache:
     """The public KV layout (FORMATS A.5): one (k, v) per layer, each (B, H, T, head_dim), before
     scaling. New keys/values are concatenated, so gradients flow into a learned prefix."""
 
     def __init__(self, past, n_layer: int):
-        if past is not None and len(past) != n_layer:
-            raise ValueError(f"past_key_values has {len(past)} layers, the model has n_layer={n_layer}")
+        self.length = past_length(past, n_layer)
         self.layers = list(past) if past is not None else [None] * n_layer
-        self.length = past[0][0].size(2) if past is not None else 0
 
     def update(self, layer: int, k, v):
         if self.layers[layer] is not None:
@@ -316,28 +324,44 @@ class GPT2LMHeadModel(nn.Module):
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, past_key_values=cache.layers if use_cache else None)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
     # Generation protocol used by models.generate (see there).
 
     def generation_prefix(self, input_ids):
         return input_ids
 
-    def prefill(self, input_ids, attention_mask=None):
-        """input_ids (B, T), left-padded where attention_mask (B, T) is 0 -> (KVCache, next-token logits (B, V)).
+    def prefill(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None):
+        """input_ids (B, T) or inputs_embeds (B, T, C), left-padded where attention_mask is 0
+        -> (KVCache, next-token logits (B, V)).
 
-        Position ids count real tokens only (cumsum(mask) - 1, clamped at 0), as transformers' generate does.
+        past_key_values: a learned prefix that every token attends to, one (k, v) per layer, each
+        (B, H, P, head_dim) (the layout of `ConcatCache`); attention_mask then covers P + T keys.
+        Position ids count real keys only (cumsum(mask) - 1, clamped at 0), as transformers' generate does,
+        so the tokens sit at positions P.. as in `forward`.
         """
-        B, T = input_ids.shape
-        self._check_length(0, T)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        P = past_length(past_key_values, self.config.n_layer)
+        self._check_length(P, T)
+        if attention_mask is not None and attention_mask.shape != (B, P + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, P + T)} "
+                             f"(batch, {P} prefix + {T} new tokens)")
+        weight = self.lm_head.weight
         key_mask = attention_mask if attention_mask is not None and not attention_mask.all() else None
         if key_mask is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(P, P + T, device=weight.device).expand(B, T)
         else:
-            position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-        weight = self.lm_head.weight
-        capacity = min(self.config.n_positions, max(64, 2 * T))
+            position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
+        capacity = min(self.config.n_positions, max(64, 2 * (P + T)))
         cache = KVCache(self.config, B, capacity, weight.dtype, weight.device, key_mask)
-        attn_mask, is_causal = attention_mask_for(key_mask, T, T, input_ids.device)
-        x = self.transformer(input_ids, position_ids, attn_mask, is_causal, cache)
+        for layer, (k, v) in enumerate(past_key_values or ()):
+            cache.update(layer, k, v)
+        cache.advance(P, None)
+        attn_mask, is_causal = attention_mask_for(key_mask, T, P + T, weight.device)
+        x = self.transformer(input_ids, position_ids, attn_mask, is_causal, cache, inputs_embeds)
         cache.advance(T, position_ids[:, -1] + 1)
         return cache, self.lm_head(x[:, -1])
 

@@ -339,18 +339,24 @@ class T5ForConditionalGeneration(nn.Module):
         return ModelOutput(logits=logits, loss=loss, past_key_values=past if use_cache else None,
                            encoder_last_hidden_state=encoder_outputs)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.shared
+
     # -- generation protocol (models/generate.py) --
 
     def generation_prefix(self, input_ids):
-        """(B, T_enc) -> (B, 1) LongTensor of decoder_start_token_id."""
+        """(B, T_enc, ...) -> (B, 1) LongTensor of decoder_start_token_id."""
         return torch.full((input_ids.shape[0], 1), self.config.decoder_start_token_id,
                           dtype=torch.long, device=input_ids.device)
 
-    def prefill(self, input_ids, attention_mask=None):
-        """Runs the encoder once and the decoder on the start token -> (T5Cache, logits (B, V))."""
-        enc, _ = self.encoder(input_ids, attention_mask=attention_mask)
-        out = self(decoder_input_ids=self.generation_prefix(input_ids), attention_mask=attention_mask,
-                   encoder_outputs=enc, use_cache=True)
+    def prefill(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None):
+        """Runs the encoder once on input_ids (B, T_enc) or inputs_embeds (B, T_enc, d_model), and the decoder
+        on the start token -> (T5Cache, logits (B, V)). past_key_values: a learned decoder prefix in this
+        class's layout (cross K/V may be None), which the start token and every later token attend to."""
+        enc, _ = self.encoder(input_ids, inputs_embeds, attention_mask)
+        start = self.generation_prefix(enc)
+        out = self(decoder_input_ids=start, attention_mask=attention_mask, encoder_outputs=enc,
+                   past_key_values=past_key_values, use_cache=True)
         return T5Cache(enc, attention_mask, out.past_key_values), out.logits[:, -1]
 
     def decode_step(self, cache: T5Cache, tokens):

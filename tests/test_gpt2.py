@@ -111,6 +111,32 @@ def test_left_padded_batch_equals_each_row_run_alone(model, lengths, steps, seed
         assert_close(padded_forward[i, width - n :], alone[:n])
 
 
+@given(lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3), n_prefix=st.integers(1, 4),
+       steps=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_prefill_with_a_prefix_and_embeddings_equals_forward_with_that_prefix_per_row(model, lengths, n_prefix, steps,
+                                                                                      seed):
+    """A learned prefix (past_key_values) shifts positions by its length; inputs_embeds stand for input_ids."""
+    gen = torch.Generator().manual_seed(seed)
+    prefix = [(torch.randn(1, 4, n_prefix, 8, generator=gen), torch.randn(1, 4, n_prefix, 8, generator=gen))
+              for _ in range(2)]
+    width, batch = max(lengths), len(lengths)
+    rows = [torch.randint(0, 50, (n + steps,), generator=gen) for n in lengths]
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.ones(batch, n_prefix + width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n :] = rows[i][:n]
+        mask[i, n_prefix : n_prefix + width - n] = 0
+    batch_prefix = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix]
+    cache, last = model.prefill(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask,
+                                past_key_values=batch_prefix)
+    decoded = [last]
+    for s in range(steps - 1):
+        decoded.append(model.decode_step(cache, torch.stack([r[n + s] for r, n in zip(rows, lengths)])))
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        alone = model(row[None, : n + steps - 1], past_key_values=prefix).logits[0]
+        assert_close(torch.stack([d[i] for d in decoded]), alone[n - 1 :])
+
+
 def test_attention_mask_hides_masked_past_keys(model):
     ids = torch.randint(0, 50, (1, 9))
     out = model(ids[:, :6], use_cache=True)

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lowrank import LoraConfig, PeftConfig, config_from_dict, get_peft_model
-from lowrank.peft_model import resolve_config
+from lowrank.targets import resolve_config
 
 from .helpers import tiny_gpt2, tiny_t5
 

@@ -126,6 +126,22 @@ def test_forward_with_past_key_values_in_chunks_equals_full(seed, batch, t_enc, 
     assert_close(torch.cat(parts, dim=1), full.logits)
 
 
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 3), t_enc=st.integers(1, 12), t_dec=st.integers(1, 6),
+       n_prefix=st.integers(1, 4))
+def test_prefill_with_a_prefix_and_embeddings_equals_full_forward_with_that_prefix(seed, batch, t_enc, t_dec, n_prefix):
+    ids, mask, dec = random_batch(seed, batch, t_enc, t_dec)
+    gen = torch.Generator().manual_seed(seed)
+    prefix = [(torch.randn(batch, 4, n_prefix, 8, generator=gen), torch.randn(batch, 4, n_prefix, 8, generator=gen),
+               None, None) for _ in range(3)]
+    with torch.no_grad():
+        full = MODEL(input_ids=ids, attention_mask=mask, past_key_values=prefix,
+                     decoder_input_ids=torch.cat([MODEL.generation_prefix(ids), dec], dim=1)).logits
+        cache, logits = MODEL.prefill(inputs_embeds=MODEL.get_input_embeddings()(ids), attention_mask=mask,
+                                      past_key_values=prefix)
+        steps = [logits] + [MODEL.decode_step(cache, dec[:, i]) for i in range(t_dec)]
+    assert_close(torch.stack(steps, dim=1), full)
+
+
 def test_prefix_keys_hidden_by_decoder_attention_mask_do_not_matter():
     """Self K/V longer than the decoder tokens (a learned prefix): keys masked out change nothing."""
     ids, mask, dec = random_batch(3, 2, 7, 5)
