@@ -16,8 +16,10 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.2", "matplotlib>=3.7"],
         "interop": ["transformers>=4.45", "peft>=0.13", "tokenizers>=0.19"],
         "bench": ["matplotlib>=3.7"],
+        "examples": ["scikit-learn>=1.2", "matplotlib>=3.7", "tokenizers>=0.19"],
     },
+    entry_points={"console_scripts": ["lowrank=lowrank.cli:main"]},
 )

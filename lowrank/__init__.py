@@ -4,7 +4,8 @@ from .config import (CONFIG_CLASSES, LoraConfig, PeftConfig, PrefixTuningConfig,
                      PromptLearningConfig, PromptTuningConfig, config_from_dict)
 from .lora import LoraLayer
 from .peft_model import PeftModel, get_peft_model
+from .train import Trainer, TrainingConfig, train
 
 __all__ = ["CONFIG_CLASSES", "LoraConfig", "LoraLayer", "PeftConfig", "PeftModel", "PrefixTuningConfig",
-           "PromptEncoderConfig", "PromptLearningConfig", "PromptTuningConfig",
-           "config_from_dict", "get_peft_model"]
+           "PromptEncoderConfig", "PromptLearningConfig", "PromptTuningConfig", "Trainer", "TrainingConfig",
+           "config_from_dict", "get_peft_model", "train"]

@@ -1,0 +1,6 @@
+"""`python -m lowrank ...`: the `lowrank` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,276 @@
+"""The `lowrank` command (also `python -m lowrank`): finetune, generate, merge, info.
+
+    lowrank finetune MODEL_DIR DATA_FILE --output-dir OUT [--method lora --r 8 ...] [training options]
+    lowrank generate MODEL_DIR --prompt TEXT [--adapter DIR ...]
+    lowrank merge MODEL_DIR ADAPTER_DIR OUTPUT_DIR
+    lowrank info PATH
+
+A PEFT method is one entry of METHODS: the config class's name in `lowrank` and the options that fill its
+fields. Bad arguments exit with argparse's usage error (code 2); a bad file or value exits with one line
+on stderr (code 1), never a traceback.
+"""
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+import models
+
+from . import config as peft_configs
+from . import data, io
+from .config import config_from_dict
+from .peft_model import PeftModel, get_peft_model
+from .train import MIXED_PRECISION, SCHEDULES, Trainer, TrainingConfig
+
+
+def _names(text: str):
+    """"q,v" -> ["q", "v"]; "all-linear" and regexes (anything with regex characters) stay one string."""
+    return text if text == "all-linear" or any(c in text for c in "*|()[]\\^$") else text.split(",")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line option that sets one config field; type bool makes a flag."""
+
+    flag: str
+    field: str
+    type: Callable = str
+    help: str = ""
+
+    def add_to(self, parser, default=None) -> None:
+        if self.type is bool:
+            parser.add_argument(self.flag, dest=self.field, action="store_true", default=default, help=self.help)
+        else:
+            parser.add_argument(self.flag, dest=self.field, type=self.type, default=default, help=self.help)
+
+
+VIRTUAL_TOKENS = Option("--num-virtual-tokens", "num_virtual_tokens", int, "soft-prompt length N (default 8)")
+ENCODER_HIDDEN = Option("--encoder-hidden-size", "encoder_hidden_size", int, "width of the prompt encoder")
+
+# method name -> (config class in lowrank, options filling its fields; unset options keep the class's defaults)
+METHODS = {
+    "lora": ("LoraConfig", (
+        Option("--r", "r", int, "LoRA rank (default 8)"),
+        Option("--lora-alpha", "lora_alpha", float, "scaling numerator: scale = alpha / r (default 8)"),
+        Option("--lora-dropout", "lora_dropout", float, "dropout on the LoRA input (default 0)"),
+        Option("--target-modules", "target_modules", _names,
+               "comma-separated module names, a regex, or all-linear (default: the model type's)"),
+        Option("--use-rslora", "use_rslora", bool, "scale = alpha / sqrt(r)"),
+    )),
+    "prompt": ("PromptTuningConfig", (VIRTUAL_TOKENS,)),
+    "prefix": ("PrefixTuningConfig", (VIRTUAL_TOKENS,
+                                       Option("--prefix-projection", "prefix_projection", bool,
+                                              "train the prefix through an MLP"), ENCODER_HIDDEN)),
+    "ptuning": ("PromptEncoderConfig", (VIRTUAL_TOKENS, ENCODER_HIDDEN)),
+}
+METHOD_DEFAULTS = {"num_virtual_tokens": 8}
+
+TRAINING = (
+    Option("--epochs", "num_epochs", float, "passes over the data (default 1)"),
+    Option("--max-steps", "max_steps", int, "optimizer steps; overrides --epochs"),
+    Option("--batch-size", "batch_size", int, "examples per micro-batch and process (default 8)"),
+    Option("--grad-accum", "gradient_accumulation_steps", int, "micro-batches per optimizer step (default 1)"),
+    Option("--lr", "learning_rate", float, "peak learning rate (default 1e-3)"),
+    Option("--weight-decay", "weight_decay", float, "AdamW weight decay (default 0)"),
+    Option("--scheduler", "lr_scheduler_type", str, f"one of {', '.join(SCHEDULES)} (default linear)"),
+    Option("--warmup-steps", "warmup_steps", int, "linear warm-up steps (default 0)"),
+    Option("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (default 1)"),
+    Option("--mixed-precision", "mixed_precision", str, f"{' or '.join(k for k in MIXED_PRECISION if k)} autocast (GPU)"),
+    Option("--seed", "seed", int, "seed of the adapter init, shuffling and dropout (default 0)"),
+    Option("--save-steps", "save_steps", int, "checkpoint every N steps"),
+    Option("--eval-steps", "eval_steps", int, "evaluate every N steps (with --eval-data)"),
+    Option("--device", "device", str, "cpu, cuda or cuda:N (default: cuda if available)"),
+)
+
+
+def _load_model_and_tokenizer(model_dir, tokenizer_dir=None, device=None):
+    model = models.from_pretrained(model_dir, device=device)
+    tokenizer = models.load_tokenizer(tokenizer_dir or model_dir)
+    n_tokens, vocab = tokenizer.tokenizer.get_vocab_size(), model.config.vocab_size
+    if n_tokens > vocab:
+        raise ValueError(f"{Path(tokenizer_dir or model_dir) / 'tokenizer.json'}: {n_tokens} tokens, more than "
+                         f"the model's vocab_size={vocab}")
+    return model, tokenizer
+
+
+def _is_seq2seq(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def method_config(args):
+    """The PEFT config that --method and its options describe (task_type unset); ValueError naming any
+    option of another method."""
+    class_name, options = METHODS[args.method]
+    mine = {o.field for o in options}
+    foreign = [o.flag for _, (_, opts) in METHODS.items() for o in opts
+               if o.field not in mine and getattr(args, o.field) is not None]
+    if foreign:
+        raise ValueError(f"{', '.join(sorted(set(foreign)))} do not apply to --method {args.method}")
+    fields = {o.field: getattr(args, o.field) for o in options if getattr(args, o.field) is not None}
+    defaults = {k: v for k, v in METHOD_DEFAULTS.items() if k in mine}
+    return getattr(peft_configs, class_name)(**{**defaults, **fields})
+
+
+def load_examples(path, model, tokenizer, args) -> list:
+    """Examples of a data file for the model's kind: seq2seq for T5, causal LM otherwise."""
+    common = dict(max_length=args.max_length or getattr(model.config, "n_positions", 512),
+                  truncation=args.truncation, eos_token_id=data.find_eos(tokenizer))
+    if _is_seq2seq(model):
+        return data.seq2seq_examples(path, tokenizer, source_column=args.source_column,
+                                     target_column=args.target_column, **common)
+    return data.causal_lm_examples(path, tokenizer, prompt_column=args.prompt_column,
+                                   completion_column=args.completion_column, text_column=args.text_column, **common)
+
+
+def finetune(args) -> None:
+    training = TrainingConfig(output_dir=str(args.output_dir), progress=not args.no_progress,
+                              **{o.field: getattr(args, o.field) for o in TRAINING if getattr(args, o.field) is not None})
+    config = method_config(args)
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.tokenizer, training.device)
+    train_data = load_examples(args.data, model, tokenizer, args)
+    eval_data = load_examples(args.eval_data, model, tokenizer, args) if args.eval_data else None
+    config = replace(config, task_type="SEQ_2_SEQ_LM" if _is_seq2seq(model) else "CAUSAL_LM")
+    torch.manual_seed(training.seed)
+    peft = get_peft_model(model, config)
+    trainer = Trainer(peft, training, train_data, eval_data, pad_token_id=tokenizer.pad_token_id or 0)
+    if trainer.process.is_main:
+        peft.print_trainable_parameters()
+    last = trainer.train(resume_from_checkpoint=args.resume)
+    if trainer.process.is_main:
+        print(" ".join(f"{k}={v:.4g}" for k, v in last.items()), f"-> {args.output_dir}")
+
+
+def generate(args) -> None:
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.tokenizer, args.device)
+    for i, folder in enumerate(args.adapter):  # adapters are named by position: "0", "1", ...
+        if i == 0:
+            model = PeftModel.from_pretrained(model, folder, adapter_name="0")
+        else:
+            model.load_adapter(folder, adapter_name=str(i))
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in tokenizer([args.prompt]).items()}
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                    seed=args.seed, eos_token_id=data.find_eos(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    for i, folder in enumerate(args.adapter or [None]):
+        if folder is not None:
+            model.set_adapter(str(i))
+        out = model.generate(**batch, **settings)
+        text = tokenizer.decode(out[0, model.generation_prefix(batch["input_ids"]).shape[1]:])
+        print(f"[{folder}] {text}" if folder is not None else text)
+
+
+def merge(args) -> None:
+    config = io.read_adapter(args.adapter)[0]
+    if config.peft_type != "LORA":
+        raise ValueError(f"{Path(args.adapter) / io.CONFIG_NAME}: peft_type={config.peft_type!r}; only LoRA "
+                         f"adapters are weights that merge into the model")
+    model = models.from_pretrained(args.model)
+    merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
+    merged.save_pretrained(args.output_dir)
+    tokenizer = Path(args.model) / "tokenizer.json"
+    if tokenizer.is_file():
+        shutil.copy(tokenizer, Path(args.output_dir) / "tokenizer.json")
+    print(f"merged {args.adapter} into {args.model} -> {args.output_dir}")
+
+
+def _tensor_shapes(file: Path) -> dict:
+    with safe_open(file, framework="pt") as f:
+        return {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+
+
+def info(args) -> None:
+    path = Path(args.path)
+    if (path / io.CONFIG_NAME).is_file():
+        config_file, weights = path / io.CONFIG_NAME, path / io.WEIGHTS_NAME
+        config = config_from_dict(json.loads(config_file.read_text()), source=str(config_file))
+        print(f"adapter: {config.peft_type} ({type(config).__name__})")
+        print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    elif (path / models.loading.CONFIG_NAME).is_file():
+        config = models.loading.read_config(path)
+        weights = path / models.loading.WEIGHTS_NAME
+        print(f"model: {config.get('model_type')} ({', '.join(config.get('architectures', []))})")
+        print(json.dumps(config, indent=2, sort_keys=True))
+    else:
+        raise FileNotFoundError(f"{path}: neither {io.CONFIG_NAME} (an adapter) nor config.json (a model)")
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: not found")
+    shapes = _tensor_shapes(weights)
+    count = sum(torch.Size(shape).numel() for shape, _ in shapes.values())
+    dtypes = sorted({dtype for _, dtype in shapes.values()})
+    print(f"{weights.name}: {len(shapes)} tensors, {count:,d} parameters ({', '.join(dtypes)})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowrank", description="Parameter-efficient fine-tuning of GPT-2 and T5.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("finetune", help="train an adapter on a data file", description=(
+        "Train an adapter. Causal LMs (GPT-2) read prompt/completion columns (loss on the completion) or a "
+        "text column (.txt: one example per line); T5 reads source/target columns."))
+    p.add_argument("model", type=Path, help="checkpoint folder (config.json + model.safetensors)")
+    p.add_argument("data", type=Path, help=".jsonl, .csv or .txt training data")
+    p.add_argument("--output-dir", type=Path, required=True, help="where the adapter and checkpoints go")
+    p.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: the model folder)")
+    p.add_argument("--eval-data", type=Path, help="evaluation data, same format")
+    p.add_argument("--method", choices=sorted(METHODS), default="lora")
+    group = p.add_argument_group("method options (the methods each applies to in brackets)")
+    applies = {}
+    for name, (_, options) in METHODS.items():
+        for o in options:
+            applies.setdefault(o, []).append(name)
+    for o, names in applies.items():
+        replace(o, help=f"{o.help} [{', '.join(names)}]").add_to(group)
+    group = p.add_argument_group("data")
+    group.add_argument("--max-length", type=int, help="tokens per example (default: the model's n_positions or 512)")
+    group.add_argument("--truncation", choices=data.TRUNCATION, default="refuse", help="for over-long examples")
+    for flag, default in (("--prompt-column", "prompt"), ("--completion-column", "completion"),
+                          ("--text-column", None), ("--source-column", "source"), ("--target-column", "target")):
+        group.add_argument(flag, default=default, help=f"column name (default {default})")
+    group = p.add_argument_group("training")
+    for o in TRAINING:
+        o.add_to(group)
+    group.add_argument("--resume", help="a checkpoint folder, or 'latest' in --output-dir")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=finetune)
+
+    p = commands.add_parser("generate", help="generate text, with or without adapters")
+    p.add_argument("model", type=Path, help="checkpoint folder")
+    p.add_argument("--prompt", required=True, help="text to continue (T5: the input text)")
+    p.add_argument("--adapter", type=Path, action="append", default=[],
+                   help="adapter folder; repeat to compare several (one generation each)")
+    p.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: the model folder)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.set_defaults(run=generate)
+
+    p = commands.add_parser("merge", help="fold a LoRA adapter into the weights: a plain checkpoint")
+    p.add_argument("model", type=Path, help="checkpoint folder")
+    p.add_argument("adapter", type=Path, help="LoRA adapter folder")
+    p.add_argument("output_dir", type=Path, help="folder for the merged checkpoint (transformers loads it)")
+    p.set_defaults(run=merge)
+
+    p = commands.add_parser("info", help="a checkpoint's or an adapter's config and parameter count")
+    p.add_argument("path", type=Path, help="model or adapter folder")
+    p.set_defaults(run=info)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run one command; returns the exit code (argparse exits with 2 on bad arguments)."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, OSError, KeyError) as e:
+        message = " ".join(str(e).split())
+        print(f"lowrank {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,171 @@
+"""Training data from local files: jsonl, csv or plain text, tokenized with a tokenizer.json.
+
+A record is one row of the file as a dict of strings (a .txt file gives {"text": line} per non-empty line).
+An example is {"input_ids": [int], "labels": [int]}:
+
+- causal LM, prompt/completion: input_ids = prompt + completion + eos; labels = -100 on the prompt, the
+  completion's ids after it (GPT-2 shifts inside its loss, so labels align with input_ids);
+- causal LM, plain text: labels = input_ids (every token is learned);
+- seq2seq (T5): input_ids = source + eos; labels = target + eos (T5 shifts labels into decoder inputs).
+
+Errors name the file, the line and the column at fault, and are raised while reading, before training.
+"""
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+IGNORE_INDEX = -100
+TRUNCATION = ("refuse", "truncate")
+_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "[SEP]")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of a data file, with the line it starts on (1-based) for error messages."""
+
+    fields: dict
+    line: int
+
+
+def read_records(path) -> list:
+    """Records of a .jsonl (one JSON object per line), .csv (header row) or .txt file (one text per line).
+    ValueError naming the file (and line) for an unknown suffix, bad JSON, a non-object line or an empty file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: data file not found")
+    suffix = path.suffix.lower()
+    with open(path, encoding="utf-8", newline="") as f:
+        if suffix == ".jsonl":
+            records = list(_jsonl_records(path, f))
+        elif suffix == ".csv":
+            reader = csv.DictReader(f)
+            records = [Record(row, reader.line_num) for row in reader]
+        elif suffix == ".txt":
+            records = [Record({"text": line.rstrip("\r\n")}, i) for i, line in enumerate(f, 1) if line.strip()]
+        else:
+            raise ValueError(f"{path}: unknown data format {suffix!r}; use .jsonl, .csv or .txt")
+    if not records:
+        raise ValueError(f"{path}: empty file, no examples")
+    return records
+
+
+def _jsonl_records(path: Path, lines):
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {i}, column {e.colno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {i}: expected a JSON object, got {type(row).__name__}")
+        yield Record(row, i)
+
+
+def column(record: Record, name: str, path) -> str:
+    """The record's text in column `name`; ValueError naming file, line and column if absent or not text."""
+    if name not in record.fields or record.fields[name] is None:
+        raise ValueError(f"{path}, line {record.line}: missing column {name!r} (found {sorted(record.fields)})")
+    value = record.fields[name]
+    if not isinstance(value, str):
+        raise ValueError(f"{path}, line {record.line}, column {name!r}: expected text, got {type(value).__name__}")
+    return value
+
+
+def find_eos(tokenizer) -> Optional[int]:
+    """The id of the tokenizer's end-of-sequence token (</s>, <|endoftext|>, <eos> or [SEP]), or None."""
+    return next((i for i in map(tokenizer.tokenizer.token_to_id, _EOS_CANDIDATES) if i is not None), None)
+
+
+def _with_eos(ids: list, eos: Optional[int]) -> list:
+    """ids ending in eos (appended unless the tokenizer's post-processor already did, as T5's does)."""
+    return ids if eos is None or ids[-1:] == [eos] else ids + [eos]
+
+
+def _fit(ids: list, max_length: int, truncation: str, where: str) -> list:
+    if len(ids) <= max_length:
+        return ids
+    if truncation == "refuse":
+        raise ValueError(f"{where}: {len(ids)} tokens, longer than max_length={max_length} "
+                         f"(shorten it, raise max_length, or set truncation='truncate')")
+    return ids[:max_length]
+
+
+def _check_options(max_length: int, truncation: str) -> None:
+    if max_length < 1:
+        raise ValueError(f"max_length={max_length} must be >= 1")
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation={truncation!r} must be one of {TRUNCATION}")
+
+
+def causal_lm_examples(path, tokenizer, max_length: int, prompt_column: str = "prompt",
+                       completion_column: str = "completion", text_column: Optional[str] = None,
+                       truncation: str = "refuse", eos_token_id: Optional[int] = None) -> list:
+    """Examples for a causal LM from the file at `path` (see the module docstring). With `text_column`
+    (the default for .txt files, whose column is "text") every token is learned; otherwise the loss falls
+    on the completion only. truncation: "refuse" (ValueError) or "truncate" (keep the first max_length
+    tokens) for an example longer than max_length; one left with no completion token is refused either way."""
+    _check_options(max_length, truncation)
+    records = read_records(path)
+    if text_column is None and Path(path).suffix.lower() == ".txt":
+        text_column = "text"
+    examples = []
+    for r in records:
+        where = f"{path}, line {r.line}"
+        if text_column is not None:
+            ids = _fit(_with_eos(tokenizer.encode(column(r, text_column, path)), eos_token_id), max_length,
+                       truncation, where)
+            labels = list(ids)
+        else:
+            prompt = tokenizer.encode(column(r, prompt_column, path))
+            completion = _with_eos(tokenizer.encode(column(r, completion_column, path), add_special_tokens=False),
+                                   eos_token_id)
+            ids = _fit(prompt + completion, max_length, truncation, where)
+            labels = [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]
+            if len(ids) <= len(prompt):
+                raise ValueError(f"{where}: the prompt alone has {len(prompt)} tokens, so max_length={max_length} "
+                                 f"leaves no completion token to learn")
+        examples.append({"input_ids": ids, "labels": labels})
+    return examples
+
+
+def seq2seq_examples(path, tokenizer, max_length: int, max_target_length: Optional[int] = None,
+                     source_column: str = "source", target_column: str = "target", truncation: str = "refuse",
+                     eos_token_id: Optional[int] = None) -> list:
+    """Examples for T5 (text to text; classification is generating the label's text) from the file at `path`.
+    max_target_length defaults to max_length; truncation as in causal_lm_examples."""
+    max_target_length = max_length if max_target_length is None else max_target_length
+    _check_options(max_length, truncation)
+    _check_options(max_target_length, truncation)
+    examples = []
+    for r in read_records(path):
+        where = f"{path}, line {r.line}"
+        source = _with_eos(tokenizer.encode(column(r, source_column, path)), eos_token_id)
+        target = _with_eos(tokenizer.encode(column(r, target_column, path)), eos_token_id)
+        examples.append({"input_ids": _fit(source, max_length, truncation, f"{where}, column {source_column!r}"),
+                         "labels": _fit(target, max_target_length, truncation, f"{where}, column {target_column!r}")})
+    return examples
+
+
+def collate(examples: list, pad_token_id: int) -> dict:
+    """examples -> {"input_ids": (B, T) long, right-padded with pad_token_id; "attention_mask": (B, T) long,
+    1 on real tokens; "labels": (B, T_labels) long, right-padded with -100}."""
+    def pad(rows, value):
+        out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return out
+
+    ids = [e["input_ids"] for e in examples]
+    return {"input_ids": pad(ids, pad_token_id), "attention_mask": pad([[1] * len(r) for r in ids], 0),
+            "labels": pad([e["labels"] for e in examples], IGNORE_INDEX)}
+
+
+def label_tokens(labels: torch.Tensor, shifted: bool) -> int:
+    """How many label tokens a batch's loss averages over: labels (B, T) != -100, without the first column
+    when the model shifts labels left (causal LMs predict token t + 1 from t)."""
+    return int((labels[:, 1:] if shifted else labels).ne(IGNORE_INDEX).sum())

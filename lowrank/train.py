@@ -1,0 +1,324 @@
+"""The training loop: AdamW on the trainable parameters, warm-up then linear or cosine decay, gradient
+accumulation and clipping, bf16/fp16 autocast on GPU, eval loss and perplexity, checkpoints, exact resume,
+and DistributedDataParallel under torchrun.
+
+The micro-batch stream is one sequence over epochs: optimizer step t consumes micro-batches
+t*k .. t*k + k - 1 (k = gradient_accumulation_steps) of the stream, where epoch e is the sampler's
+permutation for seed + e. So a step number alone says where the data stands, and a run resumed from a
+checkpoint continues with the very batches, RNG draws and optimizer state of the uninterrupted run.
+
+The loss of an accumulated step is the mean over all label tokens of its k micro-batches on all processes
+(each micro-batch's mean loss weighted by its share of the tokens), so k micro-batches of b examples on
+N processes give the gradient of one batch of k * N * b examples.
+
+A checkpoint folder `checkpoint-<step>` holds the adapter in PEFT's format (or the model, for full
+fine-tuning: whatever `model.save_pretrained` writes), `trainable.safetensors` (every trainable parameter by
+name, what resuming reads), `trainer_state.pt` (optimizer, scheduler, grad scaler, step, history: tensors
+and numbers only, read back with weights_only=True) and `rng_state_<rank>.pt` per process.
+"""
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
+
+from models.loading import atomic_write
+
+from . import distributed
+from .data import collate, label_tokens
+
+SCHEDULES = ("linear", "cosine", "constant")
+MIXED_PRECISION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAINABLE_NAME = "trainable.safetensors"
+STATE_NAME = "trainer_state.pt"
+LOG_NAME = "train_log.json"
+
+
+@dataclass
+class TrainingConfig:
+    """How to train. batch_size is per process and per micro-batch; max_steps (optimizer steps), when set,
+    overrides num_epochs. save_steps / eval_steps: every that many optimizer steps (None: only at the end).
+    output_dir: where checkpoints and the final adapter go (None: nothing is written)."""
+
+    output_dir: Optional[str] = None
+    num_epochs: float = 1.0
+    max_steps: Optional[int] = None
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0
+    mixed_precision: Optional[str] = None
+    seed: int = 0
+    shuffle: bool = True
+    eval_steps: Optional[int] = None
+    save_steps: Optional[int] = None
+    device: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        positive = {"batch_size": self.batch_size, "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                    "max_steps": self.max_steps, "eval_steps": self.eval_steps, "save_steps": self.save_steps}
+        for name, value in positive.items():
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"TrainingConfig: {name}={value!r} must be an integer >= 1")
+        if not self.num_epochs > 0:
+            raise ValueError(f"TrainingConfig: num_epochs={self.num_epochs!r} must be > 0")
+        if not self.learning_rate > 0:
+            raise ValueError(f"TrainingConfig: learning_rate={self.learning_rate!r} must be > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainingConfig: warmup_steps={self.warmup_steps!r} must be >= 0")
+        if self.lr_scheduler_type not in SCHEDULES:
+            raise ValueError(f"TrainingConfig: lr_scheduler_type={self.lr_scheduler_type!r} is not one of {SCHEDULES}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"TrainingConfig: mixed_precision={self.mixed_precision!r} is not one of "
+                             f"{list(MIXED_PRECISION)}")
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based), transformers' formulas:
+    step / warmup_steps during warm-up, then constant, linear to 0 or half a cosine to 0 at total_steps."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+class Trainer:
+    """Trains `model` (a PeftModel, or any model whose forward(**batch) returns `.loss`) on `train_data`,
+    a list of examples {"input_ids": [int], "labels": [int]} (see lowrank.data), padded with pad_token_id.
+    `history` gets one entry per optimizer step: {"step", "loss", "lr", "tokens_per_s"}, plus the eval
+    metrics on the steps that evaluate."""
+
+    def __init__(self, model: nn.Module, config: TrainingConfig, train_data: list, eval_data: Optional[list] = None,
+                 pad_token_id: int = 0):
+        if not train_data:
+            raise ValueError("train_data is empty")
+        if config.output_dir and not hasattr(model, "save_pretrained"):
+            raise ValueError(f"output_dir={config.output_dir!r}, but {type(model).__name__} has no save_pretrained")
+        self.config = config
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if config.mixed_precision and device.type != "cuda":
+            raise ValueError(f"mixed_precision={config.mixed_precision!r} needs a CUDA device, not {device}")
+        self.process = distributed.init_from_env(device.type)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", self.process.local_rank)
+        self.device = device
+        self.model = model.to(device)
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError(f"{type(model).__name__} has no trainable parameters")
+        self.train_data, self.eval_data, self.pad_token_id = train_data, eval_data or [], pad_token_id
+        self.shifted = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        self.sampler = DistributedSampler(train_data, self.process.world_size, self.process.rank,
+                                          shuffle=config.shuffle, seed=config.seed)
+        self.batches_per_epoch = math.ceil(len(self.sampler) / config.batch_size)
+        k = config.gradient_accumulation_steps
+        self.total_steps = config.max_steps or math.ceil(config.num_epochs * self.batches_per_epoch / k)
+        self.optimizer = torch.optim.AdamW(
+            self.params.values(), lr=config.learning_rate, weight_decay=config.weight_decay,
+            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
+            lr_factor, schedule=config.lr_scheduler_type, warmup_steps=config.warmup_steps,
+            total_steps=self.total_steps))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.mixed_precision == "fp16")
+        self.ddp = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+                    if self.process.world_size > 1 else None)
+        self.step = 0
+        self.history: list = []
+
+    # -- data --
+
+    def _batch(self, examples: list) -> dict:
+        return {k: v.to(self.device) for k, v in collate(examples, self.pad_token_id).items()}
+
+    def _micro_batches(self, start: int):
+        """The stream of collated micro-batches from micro-batch number `start` on (see module docstring)."""
+        epoch, offset = divmod(start, self.batches_per_epoch)
+        size = self.config.batch_size
+        while True:
+            self.sampler.set_epoch(epoch)
+            indices = list(self.sampler)
+            for b in range(offset, self.batches_per_epoch):
+                yield self._batch([self.train_data[i] for i in indices[b * size:(b + 1) * size]])
+            epoch, offset = epoch + 1, 0
+
+    # -- training --
+
+    def train(self, resume_from_checkpoint=None) -> dict:
+        """Train to total_steps; resume_from_checkpoint: a checkpoint folder, or "latest" for the newest in
+        output_dir. Saves checkpoints and, at the end, the model to output_dir. Returns the last history
+        entry (with eval_loss and perplexity when there is eval data)."""
+        if resume_from_checkpoint is not None:
+            self.load_checkpoint(self._resolve_checkpoint(resume_from_checkpoint))
+        else:
+            torch.manual_seed(self.config.seed + self.process.rank)
+        stream = self._micro_batches(self.step * self.config.gradient_accumulation_steps)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (self.config.progress and self.process.is_main))
+        while self.step < self.total_steps:
+            start = time.perf_counter()
+            loss, tokens = self._optimizer_step([next(stream) for _ in range(self.config.gradient_accumulation_steps)])
+            entry = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                     "tokens_per_s": tokens / (time.perf_counter() - start)}
+            self.scheduler.step()
+            self.step += 1
+            entry["step"] = self.step
+            if self.eval_data and (self._every(self.config.eval_steps) or self.step == self.total_steps):
+                entry.update(self.evaluate())
+            self.history.append(entry)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
+            if self.config.output_dir and self._every(self.config.save_steps) and self.step < self.total_steps:
+                self.save_checkpoint(Path(self.config.output_dir) / f"checkpoint-{self.step}")
+        bar.close()
+        if self.config.output_dir:
+            self.save_model(self.config.output_dir)
+        return self.history[-1] if self.history else {}
+
+    def _every(self, n: Optional[int]) -> bool:
+        return n is not None and self.step % n == 0
+
+    def _autocast(self):
+        dtype = MIXED_PRECISION[self.config.mixed_precision]
+        return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def _optimizer_step(self, batches: list) -> tuple:
+        """One AdamW step on k micro-batches -> (mean loss over all label tokens, input tokens per process
+        summed over processes)."""
+        counts = [label_tokens(b["labels"], self.shifted) for b in batches]
+        (total,) = distributed.all_sum([sum(counts)], self.device)
+        model = self.ddp or self.model
+        model.train()
+        loss_sum = 0.0
+        for i, (batch, n) in enumerate(zip(batches, counts)):
+            last = i == len(batches) - 1
+            with (contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()), self._autocast():
+                out = model(**batch)
+                # DDP averages gradients over processes; the world_size factor turns that into a sum
+                weight = n * self.process.world_size / max(total, 1)
+                loss = out.loss * weight if n else out.logits.sum() * 0.0
+            self.scaler.scale(loss).backward()
+            loss_sum += out.loss.item() * n if n else 0.0
+        if self.config.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        loss_sum, tokens = distributed.all_sum([loss_sum, tokens], self.device)
+        return loss_sum / max(total, 1), tokens
+
+    @torch.no_grad()
+    def evaluate(self, eval_data: Optional[list] = None) -> dict:
+        """{"eval_loss": mean loss over every label token of eval_data (default: the trainer's), "perplexity":
+        exp(eval_loss)}; each process takes every world_size-th example."""
+        data = (self.eval_data if eval_data is None else eval_data)[self.process.rank::self.process.world_size]
+        self.model.eval()
+        loss_sum, count = 0.0, 0
+        for i in range(0, len(data), self.config.batch_size):
+            batch = self._batch(data[i:i + self.config.batch_size])
+            n = label_tokens(batch["labels"], self.shifted)
+            if n:
+                with self._autocast():
+                    loss_sum += self.model(**batch).loss.item() * n
+                count += n
+        loss_sum, count = distributed.all_sum([loss_sum, count], self.device)
+        if not count:
+            raise ValueError("eval data has no label tokens")
+        loss = loss_sum / count
+        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+    # -- files --
+
+    def save_model(self, folder) -> None:
+        """The model's own files (a PeftModel writes its adapters) and train_log.json, from rank 0."""
+        if self.process.is_main:
+            folder = Path(folder)
+            self.model.save_pretrained(folder)
+            log = json.dumps({"config": asdict(self.config), "history": self.history}, indent=1) + "\n"
+            atomic_write(folder / LOG_NAME, lambda tmp: Path(tmp).write_text(log))
+        distributed.barrier()
+
+    def save_checkpoint(self, folder) -> None:
+        """Everything resuming needs (see module docstring); every file written atomically."""
+        folder = Path(folder)
+        if self.process.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(folder)
+            tensors = {n: p.detach().to("cpu").contiguous() for n, p in self.params.items()}
+            atomic_write(folder / TRAINABLE_NAME, lambda tmp: save_file(tensors, tmp))
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                     "history": self.history}
+            atomic_write(folder / STATE_NAME, lambda tmp: torch.save(state, tmp))
+        distributed.barrier()
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        atomic_write(folder / f"rng_state_{self.process.rank}.pt", lambda tmp: torch.save(rng, tmp))
+        distributed.barrier()
+
+    def _resolve_checkpoint(self, path) -> Path:
+        if path != "latest":
+            return Path(path)
+        if not self.config.output_dir:
+            raise ValueError("resume_from_checkpoint='latest' needs output_dir")
+        found = sorted(Path(self.config.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        if not found:
+            raise FileNotFoundError(f"{self.config.output_dir}: no checkpoint-<step> folder to resume from")
+        return found[-1]
+
+    def load_checkpoint(self, folder) -> None:
+        """Restore what save_checkpoint wrote. Every file is read and checked before anything changes."""
+        folder = Path(folder)
+        files = [folder / TRAINABLE_NAME, folder / STATE_NAME, folder / f"rng_state_{self.process.rank}.pt"]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: not found; {folder} is not a complete checkpoint")
+        tensors = load_file(files[0])
+        problems = sorted(set(tensors) ^ set(self.params))
+        problems += [n for n in set(tensors) & set(self.params) if tensors[n].shape != self.params[n].shape]
+        if problems:
+            raise ValueError(f"{files[0]}: does not match the model's trainable parameters: {problems[:5]}")
+        state = torch.load(files[1], weights_only=True)
+        rng = torch.load(files[2], weights_only=True)
+        if state["step"] > self.total_steps:
+            raise ValueError(f"{files[1]}: step {state['step']} is past this run's {self.total_steps} steps")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(tensors[n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.history = state["step"], state["history"]
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
+def train(model: nn.Module, train_data: list, config: Optional[TrainingConfig] = None, eval_data=None,
+          pad_token_id: int = 0, resume_from_checkpoint=None) -> Trainer:
+    """Build a Trainer and train; returns it (its `history`, `evaluate()`, the trained `model`)."""
+    trainer = Trainer(model, config or TrainingConfig(), train_data, eval_data, pad_token_id)
+    trainer.train(resume_from_checkpoint)
+    return trainer

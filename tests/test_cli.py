@@ -1,0 +1,165 @@
+"""The `lowrank` command on tiny checkpoints in tmp_path: finetune, generate, merge (a checkpoint transformers
+loads, with our merged model's logits), info; bad arguments and bad files end in one line, not a traceback."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import models
+from examples.common import tiny_gpt2, tiny_t5, word_tokenizer, write_jsonl
+from lowrank import PeftModel
+from lowrank.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out set")
+
+WORDS = "one two three four five positive negative good bad movie is".split()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def checkpoint(folder, build):
+    """A tiny random model saved with a word tokenizer in `folder`."""
+    tokenizer = word_tokenizer(WORDS, folder)
+    model = build(tokenizer, **({"d_model": 32} if build is tiny_t5 else {"n_embd": 32}))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return checkpoint(tmp_path_factory.mktemp("gpt2"), tiny_gpt2)
+
+
+@pytest.fixture(scope="module")
+def gpt2_adapter(gpt2_dir, tmp_path_factory):
+    """A LoRA adapter trained by `lowrank finetune` on prompt/completion jsonl."""
+    out = tmp_path_factory.mktemp("adapter")
+    data = write_jsonl(out / "data" / "train.jsonl", [{"prompt": "one two", "completion": "three four"}] * 4)
+    assert main(["finetune", str(gpt2_dir), str(data), "--output-dir", str(out), "--r", "4", "--lora-alpha", "16",
+                 "--target-modules", "c_attn,c_fc", "--max-steps", "3", "--batch-size", "2", "--lr", "0.05",
+                 "--save-steps", "2", "--no-progress", "--device", "cpu"]) == 0
+    return out
+
+
+def run(capsys, *argv):
+    """(exit code, stdout, stderr) of `lowrank argv` run in this process."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_finetune_writes_a_peft_adapter_checkpoints_and_a_log(gpt2_adapter):
+    config = json.loads((gpt2_adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 16
+    assert sorted(config["target_modules"]) == ["c_attn", "c_fc"] and config["task_type"] == "CAUSAL_LM"
+    tensors = load_file(gpt2_adapter / "adapter_model.safetensors")
+    assert any(t.abs().max() > 0 for k, t in tensors.items() if "lora_B" in k)
+    assert (gpt2_adapter / "checkpoint-2" / "trainer_state.pt").is_file()
+    assert [h["step"] for h in json.loads((gpt2_adapter / "train_log.json").read_text())["history"]] == [1, 2, 3]
+
+
+def test_finetune_t5_on_csv_reports_eval_loss(tmp_path, capsys):
+    model_dir = checkpoint(tmp_path / "t5", tiny_t5)
+    data = tmp_path / "cls.csv"
+    data.write_text("text,label\nmovie is good,positive\nmovie is bad,negative\n")
+    code, out, _ = run(capsys, "finetune", model_dir, data, "--eval-data", data, "--output-dir", tmp_path / "out",
+                       "--source-column", "text", "--target-column", "label", "--max-steps", "2", "--no-progress")
+    assert code == 0 and "trainable params" in out and "eval_loss=" in out and "perplexity=" in out
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
+
+
+def test_resume_continues_from_the_latest_checkpoint(gpt2_dir, gpt2_adapter, tmp_path, capsys):
+    """The fixture's run saved checkpoint-2 of 3 steps; resuming it ends with the same adapter."""
+    data = gpt2_adapter / "data" / "train.jsonl"
+    code, _, _ = run(capsys, "finetune", gpt2_dir, data, "--output-dir", tmp_path, "--r", "4", "--lora-alpha", "16",
+                     "--target-modules", "c_attn,c_fc", "--max-steps", "3", "--batch-size", "2", "--lr", "0.05",
+                     "--no-progress", "--device", "cpu", "--resume", gpt2_adapter / "checkpoint-2")
+    assert code == 0
+    resumed, whole = (load_file(d / "adapter_model.safetensors") for d in (tmp_path, gpt2_adapter))
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+@pytest.mark.parametrize("method, peft_type, extra", [
+    ("prompt", "PROMPT_TUNING", []), ("prefix", "PREFIX_TUNING", []),
+    ("ptuning", "P_TUNING", ["--encoder-hidden-size", "16"]),
+])
+def test_soft_prompt_methods_finetune_generate_and_report(gpt2_dir, gpt2_adapter, tmp_path, capsys, method, peft_type,
+                                                          extra):
+    code, out, _ = run(capsys, "finetune", gpt2_dir, gpt2_adapter / "data" / "train.jsonl", "--output-dir", tmp_path,
+                       "--method", method, "--num-virtual-tokens", "4", "--max-steps", "2", "--no-progress", *extra)
+    assert code == 0 and "trainable params" in out
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_type and config["num_virtual_tokens"] == 4
+    code, out, _ = run(capsys, "generate", gpt2_dir, "--prompt", "one two", "--adapter", tmp_path,
+                       "--max-new-tokens", "2")
+    assert code == 0 and out.startswith(f"[{tmp_path}] ")
+    code, out, _ = run(capsys, "info", tmp_path)
+    assert code == 0 and out.startswith(f"adapter: {peft_type}")
+
+
+def test_generate_with_no_adapter_and_with_two(gpt2_dir, gpt2_adapter, capsys):
+    code, out, _ = run(capsys, "generate", gpt2_dir, "--prompt", "one two", "--max-new-tokens", "3")
+    assert code == 0 and len(out.split()) == 3 and set(out.split()) <= set(WORDS)
+    code, out, _ = run(capsys, "generate", gpt2_dir, "--prompt", "one two", "--adapter", gpt2_adapter,
+                       "--adapter", gpt2_adapter, "--max-new-tokens", "3")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith(f"[{gpt2_adapter}]")
+
+
+def test_merge_writes_a_checkpoint_transformers_loads_with_equal_logits(gpt2_dir, gpt2_adapter, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    code, _, _ = run(capsys, "merge", gpt2_dir, gpt2_adapter, tmp_path / "merged")
+    assert code == 0 and (tmp_path / "merged" / "tokenizer.json").is_file()
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    ours = PeftModel.from_pretrained(models.from_pretrained(gpt2_dir), gpt2_adapter).merge_and_unload()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+    base = models.from_pretrained(gpt2_dir)
+    assert not torch.allclose(base(ids).logits, ours(ids).logits)
+
+
+def test_info_prints_config_and_parameter_counts(gpt2_dir, gpt2_adapter, capsys):
+    code, out, _ = run(capsys, "info", gpt2_adapter)
+    tensors = load_file(gpt2_adapter / "adapter_model.safetensors")
+    count = sum(t.numel() for t in tensors.values())
+    assert code == 0 and out.startswith("adapter: LORA (LoraConfig)")
+    assert f"adapter_model.safetensors: {len(tensors)} tensors, {count:,d} parameters (F32)" in out
+    code, out, _ = run(capsys, "info", gpt2_dir)
+    model = models.from_pretrained(gpt2_dir)
+    assert code == 0 and out.startswith("model: gpt2 (GPT2LMHeadModel)")
+    assert f"{sum(p.numel() for p in model.parameters()):,d} parameters" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "{model}", "{tmp}/missing.jsonl", "--output-dir", "{tmp}"], "missing.jsonl: data file not found"),
+    (["finetune", "{model}", "{tmp}/empty.jsonl", "--output-dir", "{tmp}"], "empty.jsonl: empty file"),
+    (["finetune", "{model}", "{tmp}/empty.jsonl", "--output-dir", "{tmp}", "--method", "prompt", "--r", "4"],
+     "--r do not apply to --method prompt"),
+    (["finetune", "{model}", "{tmp}/empty.jsonl", "--output-dir", "{tmp}", "--batch-size", "0"], "batch_size=0"),
+    (["finetune", "{tmp}", "{tmp}/empty.jsonl", "--output-dir", "{tmp}"], "no config.json"),
+    (["merge", "{model}", "{tmp}", "{tmp}/out"], "no adapter config"),
+    (["info", "{tmp}"], "neither adapter_config.json"),
+])
+def test_bad_files_and_values_give_one_line_and_exit_1(gpt2_dir, tmp_path, capsys, argv, message):
+    (tmp_path / "empty.jsonl").write_text("")
+    code, out, err = run(capsys, *(a.format(model=gpt2_dir, tmp=tmp_path) for a in argv))
+    assert code == 1 and out == "" and err.count("\n") == 1 and message in err
+    assert err.startswith(f"lowrank {argv[0]}: error: ")
+
+
+@pytest.mark.parametrize("argv", [[], ["finetune"], ["train", "x"], ["info", "a", "b"], ["generate", "m"],
+                                  ["finetune", "m", "d", "--output-dir", "o", "--r", "four"]])
+def test_bad_arguments_exit_2_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "usage: lowrank" in capsys.readouterr().err
+
+
+def test_python_dash_m_lowrank_help_runs_in_a_real_process():
+    result = subprocess.run([sys.executable, "-m", "lowrank", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and all(c in result.stdout for c in ("finetune", "generate", "merge", "info"))

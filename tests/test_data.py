@@ -1,0 +1,99 @@
+"""Local data files to examples: jsonl, csv and txt read alike, the loss falls on the completion only,
+collation pads with masks and -100, and bad files fail with the file, line and column named."""
+import pytest
+
+from examples.common import word_tokenizer
+from lowrank.data import (causal_lm_examples, collate, find_eos, label_tokens, read_records,
+                          seq2seq_examples)
+
+WORDS = "what is two plus three five a b c positive negative great awful".split()
+ROWS = [("what is two plus three", "five"), ("a b", "c")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return word_tokenizer(WORDS, tmp_path_factory.mktemp("tokenizer"))
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(params=["jsonl", "csv"])
+def prompt_file(request, tmp_path):
+    if request.param == "jsonl":
+        text = "".join(f'{{"prompt": "{p}", "completion": "{c}"}}\n' for p, c in ROWS)
+    else:
+        text = "prompt,completion\n" + "".join(f"{p},{c}\n" for p, c in ROWS)
+    return write(tmp_path / f"data.{request.param}", text)
+
+
+def test_jsonl_and_csv_give_the_same_records_with_line_numbers(prompt_file):
+    records = read_records(prompt_file)
+    assert [r.fields for r in records] == [{"prompt": p, "completion": c} for p, c in ROWS]
+    assert [r.line for r in records] == ([1, 2] if prompt_file.suffix == ".jsonl" else [2, 3])
+
+
+def test_loss_falls_on_the_completion_only(prompt_file, tokenizer):
+    eos = find_eos(tokenizer)
+    first, second = causal_lm_examples(prompt_file, tokenizer, max_length=16, eos_token_id=eos)
+    prompt, completion = tokenizer.encode(ROWS[0][0]), tokenizer.encode(ROWS[0][1]) + [eos]
+    assert first["input_ids"] == prompt + completion
+    assert first["labels"] == [-100] * len(prompt) + completion
+    assert len(second["input_ids"]) == 4 and second["labels"][:2] == [-100, -100]
+
+
+def test_plain_text_learns_every_token(tmp_path, tokenizer):
+    (example,) = causal_lm_examples(write(tmp_path / "corpus.txt", "\na b c\n\n"), tokenizer, max_length=8)
+    assert example["input_ids"] == example["labels"] == tokenizer.encode("a b c")
+
+
+def test_seq2seq_examples_end_in_eos(tmp_path, tokenizer):
+    path = write(tmp_path / "cls.jsonl", '{"text": "a great b", "label": "positive"}\n')
+    (example,) = seq2seq_examples(path, tokenizer, 8, source_column="text", target_column="label", eos_token_id=1)
+    assert example == {"input_ids": tokenizer.encode("a great b") + [1], "labels": tokenizer.encode("positive") + [1]}
+
+
+def test_collate_pads_ids_masks_and_labels(tokenizer):
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [9, 9]}],
+                    pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [9, 9, -100]]
+    assert label_tokens(batch["labels"], shifted=True) == 3 and label_tokens(batch["labels"], shifted=False) == 4
+
+
+def test_over_long_examples_are_refused_or_truncated(prompt_file, tokenizer):
+    with pytest.raises(ValueError, match=rf"{prompt_file.name}, line \d: 6 tokens, longer than max_length=5"):
+        causal_lm_examples(prompt_file, tokenizer, max_length=5)
+    first, _ = causal_lm_examples(prompt_file, tokenizer, max_length=6, truncation="truncate", eos_token_id=1)
+    assert first["input_ids"] == tokenizer.encode("what is two plus three five")
+    with pytest.raises(ValueError, match="leaves no completion token"):
+        causal_lm_examples(prompt_file, tokenizer, max_length=5, truncation="truncate")
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("empty.jsonl", "\n\n", r"empty.jsonl: empty file, no examples"),
+    ("empty.csv", "prompt,completion\n", r"empty.csv: empty file, no examples"),
+    ("missing.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n',
+     r"missing.jsonl, line 2: missing column 'completion' \(found \['prompt'\]\)"),
+    ("missing.csv", "prompt,answer\na,b\n", r"missing.csv, line 2: missing column 'completion'"),
+    ("number.jsonl", '{"prompt": "a", "completion": 5}\n', r"number.jsonl, line 1, column 'completion': expected text"),
+    ("bad.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a",}\n', r"bad.jsonl, line 2, column 16: not valid JSON"),
+    ("list.jsonl", '["a", "b"]\n', r"list.jsonl, line 1: expected a JSON object, got list"),
+    ("data.parquet", "x", r"data.parquet: unknown data format '.parquet'"),
+])
+def test_bad_files_name_file_line_and_column(tmp_path, tokenizer, name, text, message):
+    with pytest.raises(ValueError, match=message):
+        causal_lm_examples(write(tmp_path / name, text), tokenizer, max_length=16)
+
+
+def test_missing_file_and_bad_options(tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl: data file not found"):
+        read_records(tmp_path / "nope.jsonl")
+    path = write(tmp_path / "d.txt", "a b\n")
+    with pytest.raises(ValueError, match="truncation='left'"):
+        causal_lm_examples(path, tokenizer, max_length=4, truncation="left")
+    with pytest.raises(ValueError, match="max_length=0"):
+        seq2seq_examples(path, tokenizer, max_length=0)

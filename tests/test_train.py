@@ -1,0 +1,133 @@
+"""The training loop on the tiny GPT-2 and T5: the loss falls, only the adapter moves, accumulated
+micro-batches equal one big batch, and a resumed run ends bit for bit where an uninterrupted one does."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowrank import LoraConfig, get_peft_model
+from lowrank.train import Trainer, TrainingConfig, lr_factor, train
+
+from .helpers import assert_close_rel, tiny_gpt2, tiny_t5
+
+pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out set")
+
+
+def examples(n, seed=0, prompt=3):
+    """n causal-LM examples of 5..10 random tokens, the first `prompt` of them masked out of the loss."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(2, 64, (int(torch.randint(5, 11, (1,), generator=g)),), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def peft_gpt2(dropout=0.0, model_dropout=0.1):
+    """LoRA on a tiny GPT-2; dropout is LoRA's, model_dropout the base model's (active in training)."""
+    base = tiny_gpt2(resid_pdrop=model_dropout, embd_pdrop=model_dropout, attn_pdrop=model_dropout)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                  target_modules=["c_attn", "c_fc"]))
+
+
+def config(**overrides):
+    return TrainingConfig(**{"batch_size": 4, "learning_rate": 1e-2, "progress": False, "device": "cpu", **overrides})
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def without_timings(history):
+    return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in history]
+
+
+@pytest.mark.parametrize("make", [peft_gpt2, lambda: get_peft_model(tiny_t5(), LoraConfig(r=4))], ids=["gpt2", "t5"])
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(make):
+    data = examples(4)
+    trainer = Trainer(make(), config(max_steps=15, learning_rate=5e-2, lr_scheduler_type="constant"), data, eval_data=data)
+    before = trainer.evaluate()
+    after = trainer.train()
+    assert after["eval_loss"] < before["eval_loss"] - 0.3
+    assert after["perplexity"] == pytest.approx(torch.tensor(after["eval_loss"]).exp().item())
+    assert [h["step"] for h in trainer.history] == list(range(1, 16))
+
+
+def test_only_adapter_parameters_change():
+    model = peft_gpt2()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapter = trainable(model)
+    assert adapter and all(".lora_" in n for n in adapter)
+    train(model, examples(8), config(max_steps=3))
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert all(not torch.equal(p, adapter[n]) for n, p in model.named_parameters() if ".lora_B." in n)
+
+
+def test_accumulated_micro_batches_equal_one_big_batch():
+    """k = 2 micro-batches of 2 and one batch of 4 (the same 4 examples, padded differently) give the same
+    step. eps = lr = 1e3 makes Adam's first step ~ the gradient itself, so the comparison is of gradients."""
+    data = examples(4)
+    adam_as_sgd = dict(max_steps=1, learning_rate=1e3, adam_epsilon=1e3, max_grad_norm=None)
+    start = trainable(peft_gpt2(model_dropout=0.0))
+    one = train(peft_gpt2(model_dropout=0.0), data, config(batch_size=4, **adam_as_sgd)).model
+    two = train(peft_gpt2(model_dropout=0.0), data, config(batch_size=2, gradient_accumulation_steps=2,
+                                                           **adam_as_sgd)).model
+    for (name, a), b in zip(trainable(one).items(), trainable(two).values()):
+        assert_close_rel(b - start[name], a - start[name], rtol=1e-4)
+    assert any(not torch.equal(a, start[n]) for n, a in trainable(one).items())
+
+
+def test_resume_equals_uninterrupted_training_bit_for_bit(tmp_path):
+    """Dropout, shuffling over several epochs, accumulation and warm-up: everything the state must carry."""
+    data = examples(10)
+    opts = dict(max_steps=6, batch_size=3, gradient_accumulation_steps=2, warmup_steps=2, save_steps=3,
+                lr_scheduler_type="cosine")
+    whole = train(peft_gpt2(dropout=0.2), data, config(output_dir=str(tmp_path / "a"), **opts))
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    assert {"adapter_config.json", "adapter_model.safetensors", "trainable.safetensors", "trainer_state.pt",
+            "rng_state_0.pt"} <= {p.name for p in checkpoint.iterdir()}
+
+    resumed = Trainer(peft_gpt2(dropout=0.2), config(output_dir=str(tmp_path / "b"), **opts), data)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for (name, a), b in zip(trainable(whole.model).items(), trainable(resumed.model).values()):
+        assert torch.equal(a, b), name
+    assert without_timings(resumed.history) == without_timings(whole.history)
+    saved = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert all(torch.equal(t, whole.model.adapter_tensors("default")[k]) for k, t in saved.items())
+    log = json.loads((tmp_path / "b" / "train_log.json").read_text())
+    assert [h["step"] for h in log["history"]] == list(range(1, 7))
+
+
+def test_resume_latest_and_bad_checkpoints_are_refused(tmp_path):
+    data = examples(6)
+    train(peft_gpt2(), data, config(output_dir=str(tmp_path), max_steps=4, save_steps=2))
+    trainer = Trainer(peft_gpt2(), config(output_dir=str(tmp_path), max_steps=4), data)
+    assert trainer._resolve_checkpoint("latest").name == "checkpoint-2"
+    other = Trainer(get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"])),
+                    config(max_steps=4), data)
+    with pytest.raises(ValueError, match="trainable.safetensors: does not match"):
+        other.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        trainer.train(resume_from_checkpoint=str(tmp_path))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(batch_size=0), "batch_size=0"), (dict(lr_scheduler_type="step"), "lr_scheduler_type='step'"),
+    (dict(mixed_precision="fp8"), "mixed_precision='fp8'"), (dict(num_epochs=0), "num_epochs=0"),
+])
+def test_bad_training_config_names_the_field(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingConfig(**bad)
+
+
+def test_mixed_precision_on_cpu_is_refused_before_anything_runs():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Trainer(peft_gpt2(), config(mixed_precision="bf16"), examples(2))
+
+
+def test_schedules_warm_up_then_decay_to_zero():
+    assert [lr_factor(s, "linear", 2, 6) for s in range(7)] == [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
+    cosine = [lr_factor(s, "cosine", 0, 4) for s in range(5)]
+    assert cosine[0] == 1.0 and cosine[2] == pytest.approx(0.5) and cosine[4] == pytest.approx(0.0)
+    assert lr_factor(5, "constant", 2, 6) == 1.0
