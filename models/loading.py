@@ -152,7 +152,10 @@ def from_pretrained(path, dtype=None, device=None):
     config = cls.config_class.from_dict(raw)
     dtype = resolve_dtype(dtype)
     tensors, source = read_checkpoint(path)
-    state = cls.normalize_checkpoint(tensors, config)
+    try:
+        state = cls.normalize_checkpoint(tensors, config)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
     with torch.device("meta"), _initialisers_skipped():
         model = cls(config)
     validate_state_dict(state, model.state_dict(), source)

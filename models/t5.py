@@ -382,7 +382,7 @@ class T5ForConditionalGeneration(nn.Module):
         names = ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
         found = [sd.pop(k) for k in names if k in sd]
         if not found:
-            raise KeyError(f"T5 checkpoint: none of {names} found")
+            raise ValueError(f"missing key: a T5 checkpoint needs one of {names}")
         emb = found[0]
         for k in [k for k in sd if k.endswith("EncDecAttention.relative_attention_bias.weight")]:
             del sd[k]  # legacy key that transformers ignores too

@@ -12,6 +12,8 @@ import models
 from models import loading
 from models.gpt2 import GPT2Config, GPT2LMHeadModel
 
+from .helpers import tiny_t5
+
 TINY = dict(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2)
 
 
@@ -163,6 +165,14 @@ def test_unknown_model_type_is_refused_naming_it(saved, no_assignment):
     config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "llama"}))
     with pytest.raises(ValueError, match=r"config.json: unknown model_type 'llama'"):
         models.from_pretrained(saved[0])
+
+
+def test_t5_without_an_embedding_is_refused_naming_file_and_keys(tmp_path, no_assignment):
+    tiny_t5().save_pretrained(tmp_path)
+    rewrite_weights(tmp_path, lambda t: [t.pop(k, None) for k in
+                                         ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")])
+    with pytest.raises(ValueError, match=r"model.safetensors: missing key: a T5 checkpoint needs one of \['shared.weight'"):
+        models.from_pretrained(tmp_path)
 
 
 def test_failed_save_leaves_the_previous_checkpoint_intact(saved, monkeypatch):

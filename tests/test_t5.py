@@ -224,7 +224,7 @@ def test_normalize_checkpoint_fills_and_unties_embeddings():
     assert sd["shared.weight"] is emb and torch.equal(sd["lm_head.weight"], emb + 1)
     assert not config.tie_word_embeddings and config.scale_decoder_outputs  # untied as transformers does; scale kept
     assert set(sd) == set(MODEL.state_dict()) | {"surprise.weight"}  # unknown keys reach the loader's check
-    with pytest.raises(KeyError, match="shared.weight"):
+    with pytest.raises(ValueError, match="shared.weight"):
         T5ForConditionalGeneration.normalize_checkpoint({"lm_head.weight": emb}, config)
 
 
