@@ -31,5 +31,5 @@ def lora_batched_fwd_torch(x: torch.Tensor, w: torch.Tensor, a_stack: torch.Tens
             continue
         rows = (adapter_index == i).nonzero().squeeze(1)
         delta = (x.index_select(0, rows) @ a_stack[i]) @ b_stack[i]
-        y = y.index_add(0, rows, delta, alpha=float(scales[i]))
+        y.index_add_(0, rows, delta, alpha=float(scales[i]))
     return y
