@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_triton import _INTERPRET_BLOCKS, _dot_precision, _fwd_configs, _interpreting
+from .lora_triton import _INTERPRET_BLOCKS, _dot_precision, _fwd_configs, _grouped_tile, _interpreting
 
 
 @triton.jit
@@ -70,14 +70,7 @@ def _batched_fwd_kernel(
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) tile of y over sorted rows; M_BUCKET only keys the autotuner."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
