@@ -90,6 +90,8 @@ TRAINING = (
 
 
 def _load_model_and_tokenizer(model_dir, tokenizer_dir=None, device=None):
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available")
     model = models.from_pretrained(model_dir, device=device)
     tokenizer = models.load_tokenizer(tokenizer_dir or model_dir)
     n_tokens, vocab = tokenizer.tokenizer.get_vocab_size(), model.config.vocab_size
@@ -117,10 +119,22 @@ def method_config(args):
     return getattr(peft_configs, class_name)(**{**defaults, **fields})
 
 
-def load_examples(path, model, tokenizer, args) -> list:
+def max_length(args, model, config) -> int:
+    """Tokens an example may have: --max-length, by default all a GPT-2 holds (n_positions, less the
+    virtual tokens of a soft prompt, which take positions too) or 512 for T5; ValueError if it cannot fit."""
+    positions = None if _is_seq2seq(model) else getattr(model.config, "n_positions", None)
+    if positions is None:
+        return args.max_length or 512
+    virtual = getattr(config, "num_virtual_tokens", 0)
+    if args.max_length is not None and args.max_length > positions - virtual:
+        raise ValueError(f"--max-length {args.max_length} does not fit: the model holds n_positions={positions} "
+                         f"tokens, {virtual} of them virtual")
+    return args.max_length or positions - virtual
+
+
+def load_examples(path, model, tokenizer, args, max_length: int) -> list:
     """Examples of a data file for the model's kind: seq2seq for T5, causal LM otherwise."""
-    common = dict(max_length=args.max_length or getattr(model.config, "n_positions", 512),
-                  truncation=args.truncation, eos_token_id=data.find_eos(tokenizer))
+    common = dict(max_length=max_length, truncation=args.truncation, eos_token_id=data.find_eos(tokenizer))
     if _is_seq2seq(model):
         return data.seq2seq_examples(path, tokenizer, source_column=args.source_column,
                                      target_column=args.target_column, **common)
@@ -133,8 +147,9 @@ def finetune(args) -> None:
                               **{o.field: getattr(args, o.field) for o in TRAINING if getattr(args, o.field) is not None})
     config = method_config(args)
     model, tokenizer = _load_model_and_tokenizer(args.model, args.tokenizer, training.device)
-    train_data = load_examples(args.data, model, tokenizer, args)
-    eval_data = load_examples(args.eval_data, model, tokenizer, args) if args.eval_data else None
+    length = max_length(args, model, config)
+    train_data = load_examples(args.data, model, tokenizer, args, length)
+    eval_data = load_examples(args.eval_data, model, tokenizer, args, length) if args.eval_data else None
     config = replace(config, task_type="SEQ_2_SEQ_LM" if _is_seq2seq(model) else "CAUSAL_LM")
     torch.manual_seed(training.seed)
     peft = get_peft_model(model, config)
@@ -155,6 +170,8 @@ def generate(args) -> None:
             model.load_adapter(folder, adapter_name=str(i))
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in tokenizer([args.prompt]).items()}
+    if batch["input_ids"].numel() == 0:
+        raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens")
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                     seed=args.seed, eos_token_id=data.find_eos(tokenizer), pad_token_id=tokenizer.pad_token_id)
     for i, folder in enumerate(args.adapter or [None]):
@@ -180,22 +197,25 @@ def merge(args) -> None:
 
 
 def _tensor_shapes(file: Path) -> dict:
-    with safe_open(file, framework="pt") as f:
-        return {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own exception type for a damaged file
+        raise ValueError(f"{file}: not a readable safetensors file: {e}") from None
 
 
 def info(args) -> None:
+    """Print the config and the tensor count of an adapter or model folder; everything is read first, so a
+    bad file prints nothing but the error."""
     path = Path(args.path)
     if (path / io.CONFIG_NAME).is_file():
         config_file, weights = path / io.CONFIG_NAME, path / io.WEIGHTS_NAME
         config = config_from_dict(json.loads(config_file.read_text()), source=str(config_file))
-        print(f"adapter: {config.peft_type} ({type(config).__name__})")
-        print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        title, fields = f"adapter: {config.peft_type} ({type(config).__name__})", config.to_dict()
     elif (path / models.loading.CONFIG_NAME).is_file():
-        config = models.loading.read_config(path)
+        fields = models.loading.read_config(path)
         weights = path / models.loading.WEIGHTS_NAME
-        print(f"model: {config.get('model_type')} ({', '.join(config.get('architectures', []))})")
-        print(json.dumps(config, indent=2, sort_keys=True))
+        title = f"model: {fields.get('model_type')} ({', '.join(fields.get('architectures', []))})"
     else:
         raise FileNotFoundError(f"{path}: neither {io.CONFIG_NAME} (an adapter) nor config.json (a model)")
     if not weights.is_file():
@@ -203,7 +223,17 @@ def info(args) -> None:
     shapes = _tensor_shapes(weights)
     count = sum(torch.Size(shape).numel() for shape, _ in shapes.values())
     dtypes = sorted({dtype for _, dtype in shapes.values()})
+    print(title)
+    print(json.dumps(fields, indent=2, sort_keys=True))
     print(f"{weights.name}: {len(shapes)} tensors, {count:,d} parameters ({', '.join(dtypes)})")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     for o, names in applies.items():
         replace(o, help=f"{o.help} [{', '.join(names)}]").add_to(group)
     group = p.add_argument_group("data")
-    group.add_argument("--max-length", type=int, help="tokens per example (default: the model's n_positions or 512)")
+    group.add_argument("--max-length", type=int, help="tokens per example (default: what the model holds: n_positions less any virtual tokens, or 512)")
     group.add_argument("--truncation", choices=data.TRUNCATION, default="refuse", help="for over-long examples")
     for flag, default in (("--prompt-column", "prompt"), ("--completion-column", "completion"),
                           ("--text-column", None), ("--source-column", "source"), ("--target-column", "target")):
@@ -245,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", type=Path, action="append", default=[],
                    help="adapter folder; repeat to compare several (one generation each)")
     p.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: the model folder)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, help="seed for sampling")

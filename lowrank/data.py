@@ -38,12 +38,11 @@ def read_records(path) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
     suffix = path.suffix.lower()
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a leading BOM (Excel) is not text
         if suffix == ".jsonl":
             records = list(_jsonl_records(path, f))
         elif suffix == ".csv":
-            reader = csv.DictReader(f)
-            records = [Record(row, reader.line_num) for row in reader]
+            records = list(_csv_records(f))
         elif suffix == ".txt":
             records = [Record({"text": line.rstrip("\r\n")}, i) for i, line in enumerate(f, 1) if line.strip()]
         else:
@@ -66,9 +65,23 @@ def _jsonl_records(path: Path, lines):
         yield Record(row, i)
 
 
+def _csv_records(lines):
+    """Records of a csv file with a header row, each with the line it starts on (a quoted field may span
+    lines). A short row's missing fields are left out rather than set to None."""
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    while header is not None:
+        line = reader.line_num + 1
+        row = next(reader, None)
+        if row is None:
+            return
+        if row:
+            yield Record(dict(zip(header, row)), line)
+
+
 def column(record: Record, name: str, path) -> str:
     """The record's text in column `name`; ValueError naming file, line and column if absent or not text."""
-    if name not in record.fields or record.fields[name] is None:
+    if record.fields.get(name) is None:
         raise ValueError(f"{path}, line {record.line}: missing column {name!r} (found {sorted(record.fields)})")
     value = record.fields[name]
     if not isinstance(value, str):

@@ -19,6 +19,7 @@ and numbers only, read back with weights_only=True) and `rng_state_<rank>.pt` pe
 import contextlib
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 from models.loading import atomic_write
 
 from . import distributed
+from .config import PromptEncoderConfig, PromptTuningConfig
 from .data import collate, label_tokens
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -103,6 +105,17 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> 
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def loss_drops_first_label(model: nn.Module) -> bool:
+    """Whether the model's loss leaves out the first label column. Causal LMs predict token t + 1 from t,
+    so they do; an encoder-decoder does not; nor does a causal LM behind a prepended soft prompt (prompt
+    tuning, P-tuning), whose N leading -100 labels absorb the shift (FORMATS D.3)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    configs = getattr(model, "peft_config", {})
+    active = [configs[a] for a in getattr(model, "active_adapters", []) if a in configs]
+    return not any(isinstance(c, (PromptTuningConfig, PromptEncoderConfig)) for c in active)
+
+
 class Trainer:
     """Trains `model` (a PeftModel, or any model whose forward(**batch) returns `.loss`) on `train_data`,
     a list of examples {"input_ids": [int], "labels": [int]} (see lowrank.data), padded with pad_token_id.
@@ -128,7 +141,7 @@ class Trainer:
         if not self.params:
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
         self.train_data, self.eval_data, self.pad_token_id = train_data, eval_data or [], pad_token_id
-        self.shifted = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        self.shifted = loss_drops_first_label(model)
         self.sampler = DistributedSampler(train_data, self.process.world_size, self.process.rank,
                                           shuffle=config.shuffle, seed=config.seed)
         self.batches_per_epoch = math.ceil(len(self.sampler) / config.batch_size)
@@ -283,15 +296,20 @@ class Trainer:
             return Path(path)
         if not self.config.output_dir:
             raise ValueError("resume_from_checkpoint='latest' needs output_dir")
-        found = sorted(Path(self.config.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        if not found:
-            raise FileNotFoundError(f"{self.config.output_dir}: no checkpoint-<step> folder to resume from")
-        return found[-1]
+        steps = {int(m.group(1)): p for p in Path(self.config.output_dir).glob("checkpoint-*")
+                 if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
+        complete = [steps[s] for s in sorted(steps) if all(f.is_file() for f in self._checkpoint_files(steps[s]))]
+        if not complete:
+            raise FileNotFoundError(f"{self.config.output_dir}: no complete checkpoint-<step> folder to resume from")
+        return complete[-1]
+
+    def _checkpoint_files(self, folder: Path) -> list:
+        return [folder / TRAINABLE_NAME, folder / STATE_NAME, folder / f"rng_state_{self.process.rank}.pt"]
 
     def load_checkpoint(self, folder) -> None:
         """Restore what save_checkpoint wrote. Every file is read and checked before anything changes."""
         folder = Path(folder)
-        files = [folder / TRAINABLE_NAME, folder / STATE_NAME, folder / f"rng_state_{self.process.rank}.pt"]
+        files = self._checkpoint_files(folder)
         for file in files:
             if not file.is_file():
                 raise FileNotFoundError(f"{file}: not found; {folder} is not a complete checkpoint")

@@ -60,4 +60,7 @@ def load_tokenizer(path) -> Tokenizer:
     file = Path(path) / "tokenizer.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no tokenizer.json in {path}")
-    return Tokenizer(tokenizers.Tokenizer.from_file(str(file)))
+    try:
+        return Tokenizer(tokenizers.Tokenizer.from_file(str(file)))
+    except Exception as e:  # the tokenizers library raises its own exception type for a bad file
+        raise ValueError(f"{file}: not a readable tokenizer.json: {e}") from None

@@ -143,16 +143,30 @@ def test_info_prints_config_and_parameter_counts(gpt2_dir, gpt2_adapter, capsys)
     (["finetune", "{tmp}", "{tmp}/empty.jsonl", "--output-dir", "{tmp}"], "no config.json"),
     (["merge", "{model}", "{tmp}", "{tmp}/out"], "no adapter config"),
     (["info", "{tmp}"], "neither adapter_config.json"),
+    (["info", "{tmp}/broken"], "model.safetensors: not a readable safetensors file"),
+    (["generate", "{tmp}/badtok", "--prompt", "one"], "tokenizer.json: not a readable tokenizer.json"),
+    (["generate", "{model}", "--prompt", ""], "--prompt '' encodes to no tokens"),
+    (["finetune", "{model}", "{tmp}/empty.jsonl", "--output-dir", "{tmp}", "--method", "prompt",
+      "--num-virtual-tokens", "8", "--max-length", "32"], "--max-length 32 does not fit: the model holds n_positions=32"),
+    *([] if torch.cuda.is_available() else
+      [(["generate", "{model}", "--prompt", "one", "--device", "cuda"], "--device cuda: no CUDA device is available")]),
 ])
 def test_bad_files_and_values_give_one_line_and_exit_1(gpt2_dir, tmp_path, capsys, argv, message):
     (tmp_path / "empty.jsonl").write_text("")
+    for name, weights in [("broken", slice(0, 1000)), ("badtok", slice(None))]:  # a cut-short checkpoint;
+        folder = tmp_path / name  # a good one beside an unreadable tokenizer.json
+        folder.mkdir()
+        (folder / "config.json").write_text((gpt2_dir / "config.json").read_text())
+        (folder / "model.safetensors").write_bytes((gpt2_dir / "model.safetensors").read_bytes()[weights])
+        (folder / "tokenizer.json").write_text("{not json")
     code, out, err = run(capsys, *(a.format(model=gpt2_dir, tmp=tmp_path) for a in argv))
     assert code == 1 and out == "" and err.count("\n") == 1 and message in err
     assert err.startswith(f"lowrank {argv[0]}: error: ")
 
 
 @pytest.mark.parametrize("argv", [[], ["finetune"], ["train", "x"], ["info", "a", "b"], ["generate", "m"],
-                                  ["finetune", "m", "d", "--output-dir", "o", "--r", "four"]])
+                                  ["finetune", "m", "d", "--output-dir", "o", "--r", "four"],
+                                  ["generate", "m", "--prompt", "x", "--max-new-tokens", "-1"]])
 def test_bad_arguments_exit_2_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

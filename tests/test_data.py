@@ -79,6 +79,7 @@ def test_over_long_examples_are_refused_or_truncated(prompt_file, tokenizer):
     ("missing.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n',
      r"missing.jsonl, line 2: missing column 'completion' \(found \['prompt'\]\)"),
     ("missing.csv", "prompt,answer\na,b\n", r"missing.csv, line 2: missing column 'completion'"),
+    ("short.csv", 'prompt,completion\n"a\nb",c\nd\n', r"short.csv, line 4: missing column 'completion' \(found \['prompt'\]\)"),
     ("number.jsonl", '{"prompt": "a", "completion": 5}\n', r"number.jsonl, line 1, column 'completion': expected text"),
     ("bad.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a",}\n', r"bad.jsonl, line 2, column 16: not valid JSON"),
     ("list.jsonl", '["a", "b"]\n', r"list.jsonl, line 1: expected a JSON object, got list"),
@@ -87,6 +88,14 @@ def test_over_long_examples_are_refused_or_truncated(prompt_file, tokenizer):
 def test_bad_files_name_file_line_and_column(tmp_path, tokenizer, name, text, message):
     with pytest.raises(ValueError, match=message):
         causal_lm_examples(write(tmp_path / name, text), tokenizer, max_length=16)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
+    """Excel and Notepad start UTF-8 files with a BOM; it must not turn into a column name or bad JSON."""
+    bom = "\ufeff"
+    jsonl = read_records(write(tmp_path / "d.jsonl", bom + '{"prompt": "a", "completion": "b"}\n'))
+    csv_ = read_records(write(tmp_path / "d.csv", bom + "prompt,completion\na,b\n"))
+    assert [r.fields for r in jsonl] == [r.fields for r in csv_] == [{"prompt": "a", "completion": "b"}]
 
 
 def test_missing_file_and_bad_options(tmp_path, tokenizer):

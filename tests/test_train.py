@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowrank import LoraConfig, get_peft_model
+from lowrank import LoraConfig, PromptTuningConfig, get_peft_model
 from lowrank.train import Trainer, TrainingConfig, lr_factor, train
 
 from .helpers import assert_close_rel, tiny_gpt2, tiny_t5
@@ -29,6 +29,12 @@ def peft_gpt2(dropout=0.0, model_dropout=0.1):
     base = tiny_gpt2(resid_pdrop=model_dropout, embd_pdrop=model_dropout, attn_pdrop=model_dropout)
     return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
                                                   target_modules=["c_attn", "c_fc"]))
+
+
+def prompt_gpt2(model_dropout=0.1):
+    """Prompt tuning (3 virtual tokens) on a tiny GPT-2: its labels get 3 leading -100s inside the model."""
+    base = tiny_gpt2(resid_pdrop=model_dropout, embd_pdrop=model_dropout, attn_pdrop=model_dropout)
+    return get_peft_model(base, PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
 
 
 def config(**overrides):
@@ -64,18 +70,28 @@ def test_only_adapter_parameters_change():
     assert all(not torch.equal(p, adapter[n]) for n, p in model.named_parameters() if ".lora_B." in n)
 
 
-def test_accumulated_micro_batches_equal_one_big_batch():
+@pytest.mark.parametrize("make, prompt", [(peft_gpt2, 3), (peft_gpt2, 0), (prompt_gpt2, 0)],
+                         ids=["lora-completion", "lora-text", "prompt-tuning-text"])
+def test_accumulated_micro_batches_equal_one_big_batch(make, prompt):
     """k = 2 micro-batches of 2 and one batch of 4 (the same 4 examples, padded differently) give the same
-    step. eps = lr = 1e3 makes Adam's first step ~ the gradient itself, so the comparison is of gradients."""
-    data = examples(4)
+    step. eps = lr = 1e3 makes Adam's first step ~ the gradient itself, so the comparison is of gradients.
+    With a prepended soft prompt every original label counts (no shift), which the weights must know."""
+    data = examples(4, prompt=prompt)
     adam_as_sgd = dict(max_steps=1, learning_rate=1e3, adam_epsilon=1e3, max_grad_norm=None)
-    start = trainable(peft_gpt2(model_dropout=0.0))
-    one = train(peft_gpt2(model_dropout=0.0), data, config(batch_size=4, **adam_as_sgd)).model
-    two = train(peft_gpt2(model_dropout=0.0), data, config(batch_size=2, gradient_accumulation_steps=2,
-                                                           **adam_as_sgd)).model
+    start = trainable(make(model_dropout=0.0))
+    one = train(make(model_dropout=0.0), data, config(batch_size=4, **adam_as_sgd)).model
+    two = train(make(model_dropout=0.0), data, config(batch_size=2, gradient_accumulation_steps=2,
+                                                      **adam_as_sgd)).model
     for (name, a), b in zip(trainable(one).items(), trainable(two).values()):
         assert_close_rel(b - start[name], a - start[name], rtol=1e-4)
     assert any(not torch.equal(a, start[n]) for n, a in trainable(one).items())
+
+
+@pytest.mark.parametrize("make", [peft_gpt2, prompt_gpt2], ids=["lora", "prompt-tuning"])
+def test_eval_loss_does_not_depend_on_the_batch_size(make):
+    model, data = make(), examples(5, prompt=0)
+    losses = [Trainer(model, config(batch_size=b), data, data).evaluate()["eval_loss"] for b in (1, 2, 5)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] == pytest.approx(losses[2], rel=1e-5)
 
 
 def test_resume_equals_uninterrupted_training_bit_for_bit(tmp_path):
@@ -102,6 +118,9 @@ def test_resume_equals_uninterrupted_training_bit_for_bit(tmp_path):
 def test_resume_latest_and_bad_checkpoints_are_refused(tmp_path):
     data = examples(6)
     train(peft_gpt2(), data, config(output_dir=str(tmp_path), max_steps=4, save_steps=2))
+    (tmp_path / "checkpoint-best").mkdir()  # not a step: ignored
+    (tmp_path / "checkpoint-9").mkdir()  # a save cut short: incomplete, skipped
+    (tmp_path / "checkpoint-9" / "trainable.safetensors").write_bytes(b"")
     trainer = Trainer(peft_gpt2(), config(output_dir=str(tmp_path), max_steps=4), data)
     assert trainer._resolve_checkpoint("latest").name == "checkpoint-2"
     other = Trainer(get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"])),
