@@ -13,8 +13,9 @@ N processes give the gradient of one batch of k * N * b examples.
 
 A checkpoint folder `checkpoint-<step>` holds the adapter in PEFT's format (or the model, for full
 fine-tuning: whatever `model.save_pretrained` writes), `trainable.safetensors` (every trainable parameter by
-name, what resuming reads), `trainer_state.pt` (optimizer, scheduler, grad scaler, step, history: tensors
-and numbers only, read back with weights_only=True) and `rng_state_<rank>.pt` per process.
+name, what resuming reads), `trainer_state.pt` (optimizer, scheduler, grad scaler, step, history and the
+settings that order the data, which a resumed run must match: tensors and numbers only, read back with
+weights_only=True) and `rng_state_<rank>.pt` per process.
 """
 import contextlib
 import json
@@ -281,7 +282,7 @@ class Trainer:
             self.model.save_pretrained(folder)
             tensors = {n: p.detach().to("cpu").contiguous() for n, p in self.params.items()}
             atomic_write(folder / TRAINABLE_NAME, lambda tmp: save_file(tensors, tmp))
-            state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+            state = {"step": self.step, "data_order": self._data_order(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                      "history": self.history}
             atomic_write(folder / STATE_NAME, lambda tmp: torch.save(state, tmp))
@@ -303,6 +304,12 @@ class Trainer:
             raise FileNotFoundError(f"{self.config.output_dir}: no complete checkpoint-<step> folder to resume from")
         return complete[-1]
 
+    def _data_order(self) -> dict:
+        """What fixes which examples each step sees: a resumed run must agree on all of it."""
+        c = self.config
+        return {"examples": len(self.train_data), "batch_size": c.batch_size, "seed": c.seed, "shuffle": c.shuffle,
+                "gradient_accumulation_steps": c.gradient_accumulation_steps, "world_size": self.process.world_size}
+
     def _checkpoint_files(self, folder: Path) -> list:
         return [folder / TRAINABLE_NAME, folder / STATE_NAME, folder / f"rng_state_{self.process.rank}.pt"]
 
@@ -322,12 +329,16 @@ class Trainer:
         rng = torch.load(files[2], weights_only=True)
         if state["step"] > self.total_steps:
             raise ValueError(f"{files[1]}: step {state['step']} is past this run's {self.total_steps} steps")
+        changed = {k: (v, self._data_order()[k]) for k, v in state["data_order"].items() if v != self._data_order()[k]}
+        if changed:
+            raise ValueError(f"{files[1]}: the run differs from the checkpoint's in what orders the data, so it "
+                             f"cannot continue it exactly: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        self.optimizer.load_state_dict(state["optimizer"])  # checks the parameter groups before it changes
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(tensors[n])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
         self.step, self.history = state["step"], state["history"]
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"] is not None:

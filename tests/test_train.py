@@ -129,6 +129,11 @@ def test_resume_latest_and_bad_checkpoints_are_refused(tmp_path):
         other.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         trainer.train(resume_from_checkpoint=str(tmp_path))
+    reordered = Trainer(peft_gpt2(), config(output_dir=str(tmp_path), max_steps=4, batch_size=2, seed=1), data)
+    before = trainable(reordered.model)
+    with pytest.raises(ValueError, match="orders the data.*batch_size 4 -> 2, seed 0 -> 1"):
+        reordered.train(resume_from_checkpoint="latest")
+    assert all(torch.equal(p, before[n]) for n, p in trainable(reordered.model).items())
 
 
 @pytest.mark.parametrize("bad, message", [
