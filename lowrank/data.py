@@ -99,12 +99,16 @@ def _with_eos(ids: list, eos: Optional[int]) -> list:
     return ids if eos is None or ids[-1:] == [eos] else ids + [eos]
 
 
-def _fit(ids: list, max_length: int, truncation: str, where: str) -> list:
+def _fit(ids: list, max_length: int, truncation: str, where: str, end: Optional[int] = None) -> list:
+    """ids if they fit in max_length; else ValueError ("refuse") or the first max_length ("truncate"), then
+    still ending in `end` when they did (T5 sequences end in </s>, as transformers' tokenizer truncates)."""
     if len(ids) <= max_length:
         return ids
     if truncation == "refuse":
         raise ValueError(f"{where}: {len(ids)} tokens, longer than max_length={max_length} "
                          f"(shorten it, raise max_length, or set truncation='truncate')")
+    if end is not None and ids[-1] == end:
+        return ids[:max_length - 1] + [end]
     return ids[:max_length]
 
 
@@ -159,8 +163,9 @@ def seq2seq_examples(path, tokenizer, max_length: int, max_target_length: Option
         where = f"{path}, line {r.line}"
         source = _with_eos(tokenizer.encode(column(r, source_column, path)), eos_token_id)
         target = _with_eos(tokenizer.encode(column(r, target_column, path)), eos_token_id)
-        examples.append({"input_ids": _fit(source, max_length, truncation, f"{where}, column {source_column!r}"),
-                         "labels": _fit(target, max_target_length, truncation, f"{where}, column {target_column!r}")})
+        examples.append({
+            "input_ids": _fit(source, max_length, truncation, f"{where}, column {source_column!r}", eos_token_id),
+            "labels": _fit(target, max_target_length, truncation, f"{where}, column {target_column!r}", eos_token_id)})
     return examples
 
 

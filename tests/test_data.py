@@ -53,6 +53,9 @@ def test_seq2seq_examples_end_in_eos(tmp_path, tokenizer):
     path = write(tmp_path / "cls.jsonl", '{"text": "a great b", "label": "positive"}\n')
     (example,) = seq2seq_examples(path, tokenizer, 8, source_column="text", target_column="label", eos_token_id=1)
     assert example == {"input_ids": tokenizer.encode("a great b") + [1], "labels": tokenizer.encode("positive") + [1]}
+    (cut,) = seq2seq_examples(path, tokenizer, 3, max_target_length=1, source_column="text", target_column="label",
+                              eos_token_id=1, truncation="truncate")
+    assert cut == {"input_ids": tokenizer.encode("a great") + [1], "labels": [1]}  # truncated, still ended
 
 
 def test_collate_pads_ids_masks_and_labels(tokenizer):
