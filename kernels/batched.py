@@ -70,14 +70,9 @@ def _batched_fwd_kernel(
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) tile of y over sorted rows; M_BUCKET only keys the autotuner."""
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _, offs_m, offs_n, mask_m, mask_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
     rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)
 
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
