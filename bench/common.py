@@ -82,3 +82,38 @@ def write_json(path: str, info: Dict[str, str], rows: List[dict]) -> None:
     with open(tmp, "w") as f:
         json.dump({"run": info, "rows": rows}, f, indent=1)
     os.replace(tmp, path)
+
+
+def cpu_comparison_args(description: str, name: str, repeats_help: str, default_repeats: int, argv=None):
+    """(args, mode, repeats) of a CPU benchmark against transformers: --quick (mode "quick", 3 repeats; else
+    "full", default_repeats), --threads (set here), --repeats, --json (default bench/out/<name>.json).
+    transformers is imported here with its logging and progress bars quieted."""
+    import argparse
+
+    import transformers
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny model and inputs (smoke test)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed {repeats_help} each (default {default_repeats}, quick 3)")
+    parser.add_argument("--json", default=f"bench/out/{name}.json")
+    args = parser.parse_args(argv)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    mode = "quick" if args.quick else "full"
+    return args, mode, args.repeats or (3 if args.quick else default_repeats)
+
+
+def pyplot(path: str):
+    """matplotlib.pyplot on the Agg backend, or None (saying that `path` is skipped) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed; skipping {path} (pip install matplotlib)")
+        return None
+    return plt

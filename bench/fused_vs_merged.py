@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
-from bench.common import interleaved, run_info, time_gpu, write_json  # noqa: E402
+from bench.common import interleaved, pyplot, run_info, time_gpu, write_json  # noqa: E402
 
 SCALE = 2.0
 
@@ -140,13 +140,8 @@ def headline(rows, on_gpu: bool) -> str:
 
 
 def plot(rows, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed; skipping {path} (pip install matplotlib)")
+    plt = pyplot(path)
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
     for ax, pass_name in zip(axes, ("fwd", "fwd+bwd")):

@@ -10,7 +10,6 @@ warm-up; figures are medians with p20/p80. The losses are checked to agree befor
 Prints a table whose last line is the headline ratio (> 1: ours is faster) and writes JSON rows.
 Usage: python bench/lora_train_cpu.py [--quick] [--threads N] [--repeats R] [--json PATH]
 """
-import argparse
 import os
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lowrank  # noqa: E402
 import models  # noqa: E402
-from bench.common import GPT2_SHAPES, interleaved, run_info, write_json  # noqa: E402
+from bench.common import GPT2_SHAPES, cpu_comparison_args, interleaved, run_info, write_json  # noqa: E402
 
 BATCH = {"full": (2, 128), "quick": (2, 32)}
 LORA = dict(r=8, lora_alpha=16, target_modules=["c_attn"])
@@ -42,23 +41,13 @@ def trainer(model, ids):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model and batch (smoke test)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps each (default 7, quick 3)")
-    parser.add_argument("--json", default="bench/out/lora_train_cpu.json")
-    args = parser.parse_args(argv)
+    args, mode, repeats = cpu_comparison_args(__doc__.splitlines()[0], "lora_train_cpu", "steps", 7, argv)
     import peft
     import transformers
 
     warnings.filterwarnings("ignore", category=UserWarning)  # peft's fan_in_fan_out note on Conv1D targets
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations inside peft
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
-    mode = "quick" if args.quick else "full"
     shape, (batch, length) = GPT2_SHAPES[mode], BATCH[mode]
-    repeats = args.repeats or (3 if args.quick else 7)
 
     torch.manual_seed(0)
     config = transformers.GPT2Config(**shape, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

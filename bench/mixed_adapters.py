@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
-from bench.common import interleaved, run_info, time_gpu, write_json  # noqa: E402
+from bench.common import interleaved, pyplot, run_info, time_gpu, write_json  # noqa: E402
 
 
 def operands(M, K, N, r, n, dtype, device):
@@ -67,13 +67,8 @@ def measure(phases, adapter_counts, K, N, r, dtype, device, timer):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed; skipping {path}")
+    plt = pyplot(path)
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for phase in sorted({r["phase"] for r in rows}):

@@ -12,7 +12,6 @@ are checked to agree (logits, greedy tokens) before anything is timed.
 Prints a table whose last line is the headline ratios (> 1: ours is faster) and writes JSON rows.
 Usage: python bench/model_cpu.py [--quick] [--threads N] [--repeats R] [--json PATH]
 """
-import argparse
 import os
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
-from bench.common import GPT2_SHAPES, interleaved, run_info, write_json  # noqa: E402
+from bench.common import GPT2_SHAPES, cpu_comparison_args, interleaved, run_info, write_json  # noqa: E402
 
 LENGTHS = {"full": dict(prefill=512, prompt=64, new=33), "quick": dict(prefill=64, prompt=8, new=9)}
 
@@ -37,20 +36,10 @@ def check_agreement(ours, hf, ids, new):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model and lengths (smoke test)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 3)")
-    parser.add_argument("--json", default="bench/out/model_cpu.json")
-    args = parser.parse_args(argv)
+    args, mode, repeats = cpu_comparison_args(__doc__.splitlines()[0], "model_cpu", "repeats", 5, argv)
     import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
-    mode = "quick" if args.quick else "full"
     shape, lengths = GPT2_SHAPES[mode], LENGTHS[mode]
-    repeats = args.repeats or (3 if args.quick else 5)
 
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape, bos_token_id=0, eos_token_id=0)).eval()
