@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_triton import _INTERPRET_BLOCKS, _dot_precision, _fwd_configs, _grouped_tile, _interpreting
+from .lora_triton import _dot_precision, _fwd_configs, _grouped_tile, _interpreting, launch_tiles
 
 
 @triton.jit
@@ -138,11 +138,5 @@ def lora_batched_fwd(x, w, a_stack, b_stack, scales, order, idx_sorted, bias=Non
         xa.stride(0), xa.stride(1), y.stride(0), y.stride(1),
     )
     flags = dict(HAS_BIAS=bias is not None, PRECISION=precision, BLOCK_R=block_r)
-    if _interpreting():
-        grid = (triton.cdiv(M, _INTERPRET_BLOCKS["BLOCK_M"]) * triton.cdiv(N, _INTERPRET_BLOCKS["BLOCK_N"]),)
-        _batched_fwd_kernel[grid](*args, **flags, **_INTERPRET_BLOCKS)
-    else:
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _batched_fwd_tuned[grid](*args, **flags)
+    launch_tiles(_batched_fwd_kernel, _batched_fwd_tuned, M, N, args, flags)
     return y, xa

@@ -212,12 +212,15 @@ def lora_fwd(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         b.stride(0), b.stride(1), xa.stride(0), xa.stride(1), y.stride(0), y.stride(1),
     )
     flags = dict(HAS_BIAS=bias is not None, SHRINK_IN_LOOP=in_loop, PRECISION=precision, BLOCK_R=block_r)
-    if _interpreting():
-        blocks = _INTERPRET_BLOCKS
-        grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
-        _lora_fwd_kernel[grid](*args, **flags, **blocks)
-    else:
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _lora_fwd_tuned[grid](*args, **flags)
+    launch_tiles(_lora_fwd_kernel, _lora_fwd_tuned, M, N, args, flags)
     return y, xa
+
+
+def launch_tiles(kernel, tuned, M, N, args, flags) -> None:
+    """Run a kernel tiled over an (M, N) output, one program per (BLOCK_M, BLOCK_N) tile: `tuned` (its
+    autotuned form) on a GPU, `kernel` with fixed small blocks under the interpreter."""
+    if _interpreting():
+        grid = (triton.cdiv(M, _INTERPRET_BLOCKS["BLOCK_M"]) * triton.cdiv(N, _INTERPRET_BLOCKS["BLOCK_N"]),)
+        kernel[grid](*args, **flags, **_INTERPRET_BLOCKS)
+    else:
+        tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
