@@ -24,7 +24,7 @@ import models
 
 from . import config as peft_configs
 from . import data, io
-from .config import config_from_dict
+from .config import config_from_dict, is_encoder_decoder
 from .peft_model import PeftModel, get_peft_model
 from .train import MIXED_PRECISION, SCHEDULES, Trainer, TrainingConfig
 
@@ -101,10 +101,6 @@ def _load_model_and_tokenizer(model_dir, tokenizer_dir=None, device=None):
     return model, tokenizer
 
 
-def _is_seq2seq(model) -> bool:
-    return bool(getattr(model.config, "is_encoder_decoder", False))
-
-
 def method_config(args):
     """The PEFT config that --method and its options describe (task_type unset); ValueError naming any
     option of another method."""
@@ -122,7 +118,7 @@ def method_config(args):
 def max_length(args, model, config) -> int:
     """Tokens an example may have: --max-length, by default all a GPT-2 holds (n_positions, less the
     virtual tokens of a soft prompt, which take positions too) or 512 for T5; ValueError if it cannot fit."""
-    positions = None if _is_seq2seq(model) else getattr(model.config, "n_positions", None)
+    positions = None if is_encoder_decoder(model) else getattr(model.config, "n_positions", None)
     if positions is None:
         return args.max_length or 512
     virtual = getattr(config, "num_virtual_tokens", 0)
@@ -135,7 +131,7 @@ def max_length(args, model, config) -> int:
 def load_examples(path, model, tokenizer, args, max_length: int) -> list:
     """Examples of a data file for the model's kind: seq2seq for T5, causal LM otherwise."""
     common = dict(max_length=max_length, truncation=args.truncation, eos_token_id=data.find_eos(tokenizer))
-    if _is_seq2seq(model):
+    if is_encoder_decoder(model):
         return data.seq2seq_examples(path, tokenizer, source_column=args.source_column,
                                      target_column=args.target_column, **common)
     return data.causal_lm_examples(path, tokenizer, prompt_column=args.prompt_column,
@@ -150,7 +146,7 @@ def finetune(args) -> None:
     length = max_length(args, model, config)
     train_data = load_examples(args.data, model, tokenizer, args, length)
     eval_data = load_examples(args.eval_data, model, tokenizer, args, length) if args.eval_data else None
-    config = replace(config, task_type="SEQ_2_SEQ_LM" if _is_seq2seq(model) else "CAUSAL_LM")
+    config = replace(config, task_type="SEQ_2_SEQ_LM" if is_encoder_decoder(model) else "CAUSAL_LM")
     torch.manual_seed(training.seed)
     peft = get_peft_model(model, config)
     trainer = Trainer(peft, training, train_data, eval_data, pad_token_id=tokenizer.pad_token_id or 0)

@@ -12,6 +12,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar, Optional, Union
 
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+ENCODER_DECODER_TASKS = {"CAUSAL_LM": False, "SEQ_2_SEQ_LM": True}  # task_type -> whether its model is one
+
+
+def is_encoder_decoder(model) -> bool:
+    """Whether the model's config says it has an encoder and a decoder (T5), as transformers' configs do."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def _name_matches(names, name: str) -> bool:

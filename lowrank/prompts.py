@@ -18,9 +18,9 @@ from torch import nn
 from models.generate import generate
 from models.tokenizer import load_tokenizer
 
-from .config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
+from .config import (ENCODER_DECODER_TASKS, PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig,
+                     PromptTuningConfig, is_encoder_decoder)
 
-_TASKS = {"CAUSAL_LM": False, "SEQ_2_SEQ_LM": True}  # task_type -> whether the model is encoder-decoder
 # Where PEFT looks in the model's config for what a prompt-learning config leaves None, in order.
 _MODEL_FIELDS = {
     "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
@@ -39,15 +39,11 @@ def _config_value(model_config, field_name: str):
                      f"set {field_name}")
 
 
-def is_encoder_decoder(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
 def resolve_config(model: nn.Module, config: PromptLearningConfig) -> PromptLearningConfig:
     """`config` with token_dim, num_layers, num_attention_heads, num_transformer_submodules (2 for
     SEQ_2_SEQ_LM, else 1) and encoder_hidden_size (token_dim) filled in from `model` as PEFT fills them,
     then checked against the model. ValueError naming the field and value, before anything changes."""
-    if config.task_type is not None and _TASKS.get(config.task_type) != is_encoder_decoder(model):
+    if config.task_type is not None and ENCODER_DECODER_TASKS.get(config.task_type) != is_encoder_decoder(model):
         raise ValueError(f"task_type={config.task_type!r} does not fit a {type(model).__name__}; soft prompts "
                          f"take CAUSAL_LM (GPT-2) or SEQ_2_SEQ_LM (T5)")
     filled = {name: getattr(config, name) or _config_value(model.config, name) for name in _MODEL_FIELDS}

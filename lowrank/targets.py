@@ -5,11 +5,10 @@ from dataclasses import replace
 
 from torch import nn
 
-from .config import LoraConfig
+from .config import ENCODER_DECODER_TASKS, LoraConfig, is_encoder_decoder
 from .lora import LoraLayer, base_modules, is_conv1d
 
 DEFAULT_TARGET_MODULES = {"gpt2": ["c_attn"], "t5": ["q", "v"], "mt5": ["q", "v"]}  # FORMATS C.4
-_ENCODER_DECODER_TASKS = {"CAUSAL_LM": False, "SEQ_2_SEQ_LM": True}
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -61,9 +60,8 @@ def resolve_config(model: nn.Module, config: LoraConfig) -> tuple:
     elif isinstance(targets, str) and targets.lower() == "all-linear":
         head = getattr(model, "lm_head", None)
         targets = [name for name, m in base_modules(model) if _is_linear(m) and m is not head]
-    wants_enc_dec = _ENCODER_DECODER_TASKS.get(config.task_type)
-    is_enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    if wants_enc_dec is not None and wants_enc_dec != is_enc_dec:
+    wants_enc_dec = ENCODER_DECODER_TASKS.get(config.task_type)
+    if wants_enc_dec is not None and wants_enc_dec != is_encoder_decoder(model):
         raise ValueError(f"task_type={config.task_type!r} does not fit a {type(model).__name__}")
     plan = find_targets(model, replace(config, target_modules=targets))
     layers = [model.get_submodule(path) for path in plan]

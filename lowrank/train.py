@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from models.loading import atomic_write
 
 from . import distributed
-from .config import PromptEncoderConfig, PromptTuningConfig
+from .config import PromptEncoderConfig, PromptTuningConfig, is_encoder_decoder
 from .data import collate, label_tokens
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -110,7 +110,7 @@ def loss_drops_first_label(model: nn.Module) -> bool:
     """Whether the model's loss leaves out the first label column. Causal LMs predict token t + 1 from t,
     so they do; an encoder-decoder does not; nor does a causal LM behind a prepended soft prompt (prompt
     tuning, P-tuning), whose N leading -100 labels absorb the shift (FORMATS D.3)."""
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         return False
     configs = getattr(model, "peft_config", {})
     active = [configs[a] for a in getattr(model, "active_adapters", []) if a in configs]
