@@ -70,6 +70,8 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list = []
         self.disable_adapters = False
         self.row_adapters = None
+        self._stacks = None  # (key, (A_stack, B_stack, scales)): see adapter_stacks
+        self._row_index = None  # (key, index): see row_index
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights=True, use_rslora: bool = False, dtype=None) -> None:
@@ -158,9 +160,8 @@ class LoraLayer(nn.Module):
         factors = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
         key = tuple((id(a), a._version, id(b), b._version, self.scaling[n]) for n, (a, b) in zip(names, factors))
         tracked = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in factors)
-        cached = getattr(self, "_stacks", None)
-        if not tracked and cached is not None and cached[0] == key:
-            return cached[1]
+        if not tracked and self._stacks is not None and self._stacks[0] == key:
+            return self._stacks[1]
         r_max = max(a.shape[0] for a, _ in factors)
         A = torch.stack([F.pad(a.T, (0, r_max - a.shape[0])) for a, _ in factors])
         B = torch.stack([F.pad(b.T, (0, 0, 0, r_max - b.shape[1])) for _, b in factors])
@@ -168,6 +169,15 @@ class LoraLayer(nn.Module):
         if not tracked:
             self._stacks = (key, (A, B, scales))
         return A, B, scales
+
+    def row_index(self, adapter_names, names, device) -> torch.Tensor:
+        """(B,) long on `device`: each row's slot among `names` (the stacks' order), -1 for the base alone.
+        Cached while the rows' names stay the same, as through every decode step of a mixed-batch generate."""
+        key = (tuple(adapter_names), tuple(names), device)
+        if self._row_index is None or self._row_index[0] != key:
+            slot = {n: i for i, n in enumerate(names)}
+            self._row_index = (key, torch.tensor([slot.get(n, -1) for n in adapter_names], device=device))
+        return self._row_index[1]
 
     def _add_low_rank(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
@@ -241,9 +251,7 @@ def mixed_batch_forward(layer: LoraLayer, x: torch.Tensor, adapter_names) -> tor
         return group_rows(x, adapter_names, layer.lora_A,
                           lambda name, rows: layer.base_layer(rows) if name == BASE else layer.adapter_forward(rows, name))
     A, B, scales = layer.adapter_stacks(names)
-    slot = {n: i for i, n in enumerate(names)}
-    index = torch.tensor([slot.get(n, -1) for n in adapter_names], device=x.device)
-    index = index.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
+    index = layer.row_index(adapter_names, names, x.device).view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
     return kernels.lora_matmul_batched(x, layer.weight_kn(), A, B, scales, index, layer.base_layer.bias)
 
 

@@ -19,6 +19,7 @@ from .config import PromptLearningConfig
 from .lora import BASE, LoraLayer, ModulesToSaveWrapper, base_modules, combine_adapters
 from .targets import find_modules_to_save, resolve_config
 
+
 class LoraModel(nn.Module):
     """Holds the wrapped model as `.model`, so parameter names read `base_model.model.<path>` as in PEFT."""
 

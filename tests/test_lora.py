@@ -285,6 +285,19 @@ def test_training_two_adapters_in_one_mixed_batch_gives_each_its_own_gradients(c
         assert_close_rel(mixed[n][1], layer.lora_B[n].weight.grad.double())
 
 
+def test_one_layer_serves_batches_of_different_row_orders():
+    """The cached row index must follow the rows' names from call to call, not only the set of adapters."""
+    c = dict(kind="conv1d", K=6, N=5, r=2, alpha=4, rslora=False, bias=True, dtype=torch.float32, B=3, T=2, seed=4)
+    layer = make_layer(c, adapters=("a", "b"))
+    x = inputs(c)
+    with torch.no_grad():
+        for names in (["a", "b", BASE], ["b", BASE, "a"], ["b", "a", "a"]):
+            mixed = mixed_batch_forward(layer, x, names)
+            for i, name in enumerate(names):
+                layer.active_adapters = [name]
+                assert_close_rel(mixed[i], layer(x[i : i + 1])[0].double())
+
+
 def test_cached_stacks_follow_in_place_updates_and_scale_changes():
     c = dict(kind="linear", K=9, N=7, r=2, alpha=4, rslora=False, bias=False, dtype=torch.float32, B=3, T=2, seed=3)
     layer = make_layer(c, adapters=("a", "b"))
