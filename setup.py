@@ -7,7 +7,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lowrank", "kernels", "models"],
+    # The repository keeps kernels/ and models/ at the top (DESIGN.md); installed, they are lowrank.kernels
+    # and lowrank.models, because `kernels` and `models` are other distributions' import names.
+    packages=["lowrank", "lowrank.kernels", "lowrank.models"],
+    package_dir={"lowrank": "lowrank", "lowrank.kernels": "kernels", "lowrank.models": "models"},
     install_requires=[
         "numpy>=1.24",
         "torch>=2.4",

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lowrank  # noqa: E402
-import models  # noqa: E402
+from lowrank import models  # noqa: E402
 from bench.common import GPT2_SHAPES, cpu_comparison_args, interleaved, run_info, write_json  # noqa: E402
 
 BATCH = {"full": (2, 128), "quick": (2, 32)}

@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels  # noqa: E402
+from lowrank import kernels  # noqa: E402
 from bench.common import interleaved, pyplot, run_info, time_gpu, write_json  # noqa: E402
 
 

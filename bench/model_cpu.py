@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import models  # noqa: E402
+from lowrank import models  # noqa: E402
 from bench.common import GPT2_SHAPES, cpu_comparison_args, interleaved, run_info, write_json  # noqa: E402
 
 LENGTHS = {"full": dict(prefill=512, prompt=64, new=33), "quick": dict(prefill=64, prompt=8, new=9)}

@@ -10,14 +10,13 @@ generations, that the merged model gives the unmerged outputs, and that the save
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples.common, from the checkout
 
 import torch  # noqa: E402
 
-import models  # noqa: E402
 from examples.common import (counting_data, counting_pairs, counting_words, exact_match,  # noqa: E402
                              generate_text, out_dir, parse_args, plot_losses, pretrain_gpt2, word_tokenizer)
-from lowrank import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from lowrank import LoraConfig, PeftModel, get_peft_model, models  # noqa: E402
 from lowrank.train import TrainingConfig, train  # noqa: E402
 
 

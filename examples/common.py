@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-import models
-from lowrank.data import causal_lm_examples, find_eos
+from lowrank import models
+from lowrank.data import causal_lm_examples
 from lowrank.train import TrainingConfig, train
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2: T5's pad and eos ids
@@ -90,7 +90,7 @@ def counting_data(task: str, n: int, seed: int, tokenizer, folder) -> list:
     examples (loss on the completion and EOS only) by lowrank.data."""
     rows = [{"prompt": p, "completion": c} for p, c in counting_pairs(task, n, seed)]
     path = write_jsonl(Path(folder) / f"{task}_{seed}.jsonl", rows)
-    return causal_lm_examples(path, tokenizer, max_length=32, eos_token_id=find_eos(tokenizer))
+    return causal_lm_examples(path, tokenizer, max_length=32)
 
 
 def pretrain_gpt2(tokenizer, steps: int, seed=0):
@@ -109,7 +109,7 @@ def pretrain_gpt2(tokenizer, steps: int, seed=0):
 def generate_text(model, tokenizer, prompts: list, max_new_tokens: int, adapter_names=None) -> list:
     """Greedy completions of `prompts` (one left-padded batch), decoded without the prompt."""
     batch = tokenizer(prompts, padding_side="left")
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.tokenizer.token_to_id(EOS),
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id,
                          **({} if adapter_names is None else {"adapter_names": adapter_names}))
     new = out[:, model.generation_prefix(batch["input_ids"]).shape[1]:]

@@ -10,7 +10,7 @@ the original model back.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples.common, from the checkout
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -11,11 +11,11 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples.common, from the checkout
 
 from examples.common import exact_match, out_dir, parse_args, plot_losses, tiny_t5, word_tokenizer  # noqa: E402
 from lowrank import LoraConfig, PromptTuningConfig, get_peft_model  # noqa: E402
-from lowrank.data import find_eos, seq2seq_examples  # noqa: E402
+from lowrank.data import seq2seq_examples  # noqa: E402
 from lowrank.train import TrainingConfig, train  # noqa: E402
 
 GOOD = "good great lovely superb fine pleasant wonderful".split()
@@ -62,8 +62,8 @@ def main(argv=None) -> dict:
     state = {k: v.clone() for k, v in base.state_dict().items()}
     files = {split: write_csv(folder / f"reviews_{split}.csv", reviews(n, seed))
              for split, n, seed in (("train", 400, 1), ("eval", 64, 2))}
-    data = {split: seq2seq_examples(file, tokenizer, max_length=16, source_column="text", target_column="label",
-                                    eos_token_id=find_eos(tokenizer)) for split, file in files.items()}
+    data = {split: seq2seq_examples(file, tokenizer, max_length=16, source_column="text", target_column="label")
+            for split, file in files.items()}
     eval_pairs = reviews(64, 2)
     accuracy_before = exact_match(base, tokenizer, eval_pairs)
     print(f"pretrained T5 (copies its input): accuracy {accuracy_before:.2f} on {len(eval_pairs)} held-out reviews")

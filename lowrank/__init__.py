@@ -1,5 +1,6 @@
 """lowrank: parameter-efficient fine-tuning (LoRA, prompt tuning, prefix tuning, P-tuning) for GPT-2 and T5,
 with PEFT's API names and file format."""
+from . import kernels, models
 from .config import (CONFIG_CLASSES, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
                      PromptLearningConfig, PromptTuningConfig, config_from_dict)
 from .lora import LoraLayer
@@ -8,4 +9,4 @@ from .train import Trainer, TrainingConfig, train
 
 __all__ = ["CONFIG_CLASSES", "LoraConfig", "LoraLayer", "PeftConfig", "PeftModel", "PrefixTuningConfig",
            "PromptEncoderConfig", "PromptLearningConfig", "PromptTuningConfig", "Trainer", "TrainingConfig",
-           "config_from_dict", "get_peft_model", "train"]
+           "config_from_dict", "get_peft_model", "kernels", "models", "train"]

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-import models
+from . import models
 
 from . import config as peft_configs
 from . import data, io
@@ -130,7 +130,7 @@ def max_length(args, model, config) -> int:
 
 def load_examples(path, model, tokenizer, args, max_length: int) -> list:
     """Examples of a data file for the model's kind: seq2seq for T5, causal LM otherwise."""
-    common = dict(max_length=max_length, truncation=args.truncation, eos_token_id=data.find_eos(tokenizer))
+    common = dict(max_length=max_length, truncation=args.truncation)
     if is_encoder_decoder(model):
         return data.seq2seq_examples(path, tokenizer, source_column=args.source_column,
                                      target_column=args.target_column, **common)
@@ -169,7 +169,7 @@ def generate(args) -> None:
     if batch["input_ids"].numel() == 0:
         raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens")
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                    seed=args.seed, eos_token_id=data.find_eos(tokenizer), pad_token_id=tokenizer.pad_token_id)
+                    seed=args.seed, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     for i, folder in enumerate(args.adapter or [None]):
         if folder is not None:
             model.set_adapter(str(i))
@@ -300,3 +300,7 @@ def main(argv=None) -> int:
         print(f"lowrank {args.command}: error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":  # python -m lowrank.cli (torchrun -m lowrank.cli), beside python -m lowrank
+    sys.exit(main())

@@ -14,13 +14,13 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 IGNORE_INDEX = -100
 TRUNCATION = ("refuse", "truncate")
-_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "[SEP]")
+TOKENIZER_EOS = "tokenizer"  # the eos_token_id default: the tokenizer's own eos
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,15 @@ def column(record: Record, name: str, path) -> str:
     return value
 
 
-def find_eos(tokenizer) -> Optional[int]:
-    """The id of the tokenizer's end-of-sequence token (</s>, <|endoftext|>, <eos> or [SEP]), or None."""
-    return next((i for i in map(tokenizer.tokenizer.token_to_id, _EOS_CANDIDATES) if i is not None), None)
+def resolve_eos(tokenizer, eos_token_id) -> Optional[int]:
+    """The eos id examples end in: the tokenizer's own for TOKENIZER_EOS (ValueError if it has none), else
+    eos_token_id as given (None: no eos)."""
+    if eos_token_id != TOKENIZER_EOS:
+        return eos_token_id
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no end-of-sequence token (</s>, <|endoftext|>, <eos> or [SEP]); "
+                         "pass eos_token_id=ID, or eos_token_id=None for examples without one")
+    return tokenizer.eos_token_id
 
 
 def _with_eos(ids: list, eos: Optional[int]) -> list:
@@ -121,12 +127,14 @@ def _check_options(max_length: int, truncation: str) -> None:
 
 def causal_lm_examples(path, tokenizer, max_length: int, prompt_column: str = "prompt",
                        completion_column: str = "completion", text_column: Optional[str] = None,
-                       truncation: str = "refuse", eos_token_id: Optional[int] = None) -> list:
+                       truncation: str = "refuse", eos_token_id: Union[int, None, str] = TOKENIZER_EOS) -> list:
     """Examples for a causal LM from the file at `path` (see the module docstring). With `text_column`
     (the default for .txt files, whose column is "text") every token is learned; otherwise the loss falls
     on the completion only. truncation: "refuse" (ValueError) or "truncate" (keep the first max_length
-    tokens) for an example longer than max_length; one left with no completion token is refused either way."""
+    tokens) for an example longer than max_length; one left with no completion token is refused either way.
+    eos_token_id: the tokenizer's eos by default, so that a trained model learns to stop; None for none."""
     _check_options(max_length, truncation)
+    eos_token_id = resolve_eos(tokenizer, eos_token_id)
     records = read_records(path)
     if text_column is None and Path(path).suffix.lower() == ".txt":
         text_column = "text"
@@ -152,10 +160,11 @@ def causal_lm_examples(path, tokenizer, max_length: int, prompt_column: str = "p
 
 def seq2seq_examples(path, tokenizer, max_length: int, max_target_length: Optional[int] = None,
                      source_column: str = "source", target_column: str = "target", truncation: str = "refuse",
-                     eos_token_id: Optional[int] = None) -> list:
+                     eos_token_id: Union[int, None, str] = TOKENIZER_EOS) -> list:
     """Examples for T5 (text to text; classification is generating the label's text) from the file at `path`.
-    max_target_length defaults to max_length; truncation as in causal_lm_examples."""
+    max_target_length defaults to max_length; truncation and eos_token_id as in causal_lm_examples."""
     max_target_length = max_length if max_target_length is None else max_target_length
+    eos_token_id = resolve_eos(tokenizer, eos_token_id)
     _check_options(max_length, truncation)
     _check_options(max_target_length, truncation)
     examples = []

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.loading import atomic_write
+from .models.loading import atomic_write
 
 from .config import config_from_dict
 from .lora import LoraLayer, ModulesToSaveWrapper, base_modules, linear_features

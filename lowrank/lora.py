@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from . import kernels
 
 BASE = "__base__"  # the adapter name of rows that take the base layer alone in a mixed batch
 

@@ -15,8 +15,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from models.generate import generate
-from models.tokenizer import load_tokenizer
+from .models.generate import generate
+from .models.tokenizer import load_tokenizer
 
 from .config import (ENCODER_DECODER_TASKS, PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig,
                      PromptTuningConfig, is_encoder_decoder)
@@ -261,14 +261,16 @@ def _with_prefix(model, config: PrefixTuningConfig, prefix, kw, enc_dec: bool) -
 
 class PromptedGeneration:
     """models.generate's protocol for `model` with a soft prompt: prefill takes the prompt (through
-    `prompt_inputs`, the prompt computed by `prompt()`); decode steps and the output prefix are the model's."""
+    `prompt_inputs`, the prompt computed by `prompt()`); decode steps, the output prefix and the config
+    (its eos) are the model's."""
 
-    def __init__(self, model: nn.Module, config: PromptLearningConfig, prompt):
-        self.model, self.config, self.prompt = model, config, prompt
+    def __init__(self, model: nn.Module, prompt_config: PromptLearningConfig, prompt):
+        self.model, self.prompt_config, self.prompt = model, prompt_config, prompt
+        self.config = model.config
 
     def prefill(self, input_ids, attention_mask=None):
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
-        return self.model.prefill(**prompt_inputs(self.model, self.config, self.prompt(), inputs))
+        return self.model.prefill(**prompt_inputs(self.model, self.prompt_config, self.prompt(), inputs))
 
     def decode_step(self, cache, tokens):
         return self.model.decode_step(cache, tokens)

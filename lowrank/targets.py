@@ -66,6 +66,7 @@ def resolve_config(model: nn.Module, config: LoraConfig) -> tuple:
     plan = find_targets(model, replace(config, target_modules=targets))
     layers = [model.get_submodule(path) for path in plan]
     fan_in_fan_out = any(m.fan_in_fan_out if isinstance(m, LoraLayer) else is_conv1d(m) for m in layers)
-    if fan_in_fan_out != config.fan_in_fan_out:
-        warnings.warn(f"fan_in_fan_out set to {fan_in_fan_out} to match the targeted layers' weight layout", stacklevel=3)
+    if config.fan_in_fan_out and not fan_in_fan_out:  # asked for explicitly, and wrong; the default is silent
+        warnings.warn("fan_in_fan_out=True does not match the targeted layers (nn.Linear, weight (out, in)); "
+                      "set to False", stacklevel=3)
     return replace(config, target_modules=targets, fan_in_fan_out=fan_in_fan_out), plan

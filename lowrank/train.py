@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from models.loading import atomic_write
+from .models.loading import atomic_write
 
 from . import distributed
 from .config import PromptEncoderConfig, PromptTuningConfig, is_encoder_decoder
@@ -187,8 +187,9 @@ class Trainer:
         else:
             torch.manual_seed(self.config.seed + self.process.rank)
         stream = self._micro_batches(self.step * self.config.gradient_accumulation_steps)
+        # disable=None: a bar on a terminal only, so that logs redirected to a file get no stream of redraws
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                   disable=not (self.config.progress and self.process.is_main))
+                   disable=None if self.config.progress and self.process.is_main else True)
         while self.step < self.total_steps:
             start = time.perf_counter()
             loss, tokens = self._optimizer_step([next(stream) for _ in range(self.config.gradient_accumulation_steps)])

@@ -3,7 +3,9 @@
     cache, logits = model.prefill(input_ids, attention_mask)   # logits (B, V) for the next token
     logits = model.decode_step(cache, tokens)                  # tokens (B,); updates cache in place
     model.generation_prefix(input_ids) -> (B, P)               # what precedes the new tokens in the output
+    model.config.eos_token_id, model.config.vocab_size          # the default eos, as in transformers
 """
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -33,18 +35,39 @@ def sample_next(logits, do_sample=False, temperature=1.0, top_k=None, top_p=None
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def eos_ids(model, eos_token_id, device) -> Optional[torch.Tensor]:
+    """eos_token_id (an id or a non-empty sequence of ids) as a 1-D long tensor; None means the model
+    config's eos_token_id (transformers' default), with a warning when that id lies outside the vocabulary
+    (generation can then never stop at it). None if neither names one."""
+    if eos_token_id is None:
+        config = getattr(model, "config", None)
+        eos_token_id = getattr(config, "eos_token_id", None)
+        vocab = getattr(config, "vocab_size", None)
+        ids = [] if eos_token_id is None else torch.tensor(eos_token_id).flatten().tolist()
+        if vocab is not None and any(not 0 <= i < vocab for i in ids):
+            warnings.warn(f"the model config's eos_token_id={eos_token_id} lies outside vocab_size={vocab}: "
+                          "generation will not stop at it; pass eos_token_id")
+        if eos_token_id is None:
+            return None
+    ids = torch.as_tensor(eos_token_id, device=device)
+    if ids.is_floating_point() or ids.is_complex() or ids.numel() == 0:
+        raise ValueError(f"eos_token_id={eos_token_id!r}: expected a token id or a non-empty list of ids")
+    return ids.flatten().long()
+
+
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, temperature=1.0,
              top_k=None, top_p=None, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
              pad_token_id=None, seed=None):
     """input_ids (B, T), left-padded where attention_mask (B, T) is 0 -> (B, P + n) long, n <= max_new_tokens:
     generation_prefix(input_ids) followed by the new tokens. After a row emits an eos token it gets
-    pad_token_id (default: the first eos id); generation stops when every row has finished.
-    seed makes sampling reproducible (a private torch.Generator)."""
+    pad_token_id (default: the first eos id); generation stops when every row has finished. eos_token_id
+    defaults to model.config.eos_token_id, as in transformers. seed makes sampling reproducible (a
+    private torch.Generator)."""
     generator = None
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=input_ids.device).flatten()
+    eos = eos_ids(model, eos_token_id, input_ids.device)
     pad = pad_token_id if pad_token_id is not None else (None if eos is None else int(eos[0]))
     finished = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
     new_tokens = []

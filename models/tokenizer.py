@@ -5,16 +5,20 @@ import torch
 
 # Tried in order when tokenizer.json sets no padding token; GPT-2 has none and pads with <|endoftext|>.
 _PAD_CANDIDATES = ("<pad>", "[PAD]", "<|endoftext|>")
+# The end-of-sequence token, the first of these in the vocabulary (T5, GPT-2, Gemma-style, BERT-style).
+_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "[SEP]")
 
 
 class Tokenizer:
-    """encode/decode one text; __call__ batches texts into padded id and mask tensors."""
+    """encode/decode one text; __call__ batches texts into padded id and mask tensors. pad_token_id and
+    eos_token_id are ids in the vocabulary, or None where tokenizer.json has no such token."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         padding = tokenizer.padding
         pad_ids = [tokenizer.token_to_id(t) for t in _PAD_CANDIDATES]
         self.pad_token_id = padding["pad_id"] if padding else next((i for i in pad_ids if i is not None), None)
+        self.eos_token_id = next((i for i in map(tokenizer.token_to_id, _EOS_CANDIDATES) if i is not None), None)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids

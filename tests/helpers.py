@@ -1,7 +1,7 @@
 """What many test files share: tolerances by dtype, a relative closeness check, tiny models."""
 import torch
 
-import models
+from lowrank import models
 
 # Relative tolerances by dtype; tests scale them by the magnitude of the reference.
 TOLERANCE = {

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels import reference
+from lowrank import kernels
+from lowrank.kernels import reference
 
 from .kernel_checks import DTYPES, LAYOUTS, assert_matches, backend, make, to64
 

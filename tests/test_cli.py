@@ -9,12 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import models
+from lowrank import models
 from examples.common import tiny_gpt2, tiny_t5, word_tokenizer, write_jsonl
 from lowrank import PeftModel
 from lowrank.cli import main
 
-pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out set")
 
 WORDS = "one two three four five positive negative good bad movie is".split()
 ROOT = Path(__file__).resolve().parents[1]

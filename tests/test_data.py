@@ -3,7 +3,7 @@ collation pads with masks and -100, and bad files fail with the file, line and c
 import pytest
 
 from examples.common import word_tokenizer
-from lowrank.data import (causal_lm_examples, collate, find_eos, label_tokens, read_records,
+from lowrank.data import (causal_lm_examples, collate, label_tokens, read_records,
                           seq2seq_examples)
 
 WORDS = "what is two plus three five a b c positive negative great awful".split()
@@ -35,18 +35,32 @@ def test_jsonl_and_csv_give_the_same_records_with_line_numbers(prompt_file):
     assert [r.line for r in records] == ([1, 2] if prompt_file.suffix == ".jsonl" else [2, 3])
 
 
-def test_loss_falls_on_the_completion_only(prompt_file, tokenizer):
-    eos = find_eos(tokenizer)
-    first, second = causal_lm_examples(prompt_file, tokenizer, max_length=16, eos_token_id=eos)
+def test_loss_falls_on_the_completion_only_which_ends_in_the_tokenizers_eos_by_default(prompt_file, tokenizer):
+    eos = tokenizer.eos_token_id
+    assert eos is not None
+    first, second = causal_lm_examples(prompt_file, tokenizer, max_length=16)
     prompt, completion = tokenizer.encode(ROWS[0][0]), tokenizer.encode(ROWS[0][1]) + [eos]
     assert first["input_ids"] == prompt + completion
     assert first["labels"] == [-100] * len(prompt) + completion
     assert len(second["input_ids"]) == 4 and second["labels"][:2] == [-100, -100]
 
 
-def test_plain_text_learns_every_token(tmp_path, tokenizer):
-    (example,) = causal_lm_examples(write(tmp_path / "corpus.txt", "\na b c\n\n"), tokenizer, max_length=8)
+def test_plain_text_learns_every_token_and_eos_unless_opted_out(tmp_path, tokenizer):
+    corpus = write(tmp_path / "corpus.txt", "\na b c\n\n")
+    (example,) = causal_lm_examples(corpus, tokenizer, max_length=8)
+    assert example["input_ids"] == example["labels"] == tokenizer.encode("a b c") + [tokenizer.eos_token_id]
+    (example,) = causal_lm_examples(corpus, tokenizer, max_length=8, eos_token_id=None)
     assert example["input_ids"] == example["labels"] == tokenizer.encode("a b c")
+
+
+def test_a_tokenizer_without_eos_needs_an_explicit_choice(prompt_file, tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "eos_token_id", None)
+    with pytest.raises(ValueError, match="no end-of-sequence token.*eos_token_id=None"):
+        causal_lm_examples(prompt_file, tokenizer, max_length=16)
+    with pytest.raises(ValueError, match="no end-of-sequence token"):
+        seq2seq_examples(prompt_file, tokenizer, 16, source_column="prompt", target_column="completion")
+    (example, _) = causal_lm_examples(prompt_file, tokenizer, max_length=16, eos_token_id=None)
+    assert example["input_ids"] == tokenizer.encode(ROWS[0][0]) + tokenizer.encode(ROWS[0][1])
 
 
 def test_seq2seq_examples_end_in_eos(tmp_path, tokenizer):
@@ -68,7 +82,7 @@ def test_collate_pads_ids_masks_and_labels(tokenizer):
 
 
 def test_over_long_examples_are_refused_or_truncated(prompt_file, tokenizer):
-    with pytest.raises(ValueError, match=rf"{prompt_file.name}, line \d: 6 tokens, longer than max_length=5"):
+    with pytest.raises(ValueError, match=rf"{prompt_file.name}, line \d: 7 tokens, longer than max_length=5"):
         causal_lm_examples(prompt_file, tokenizer, max_length=5)
     first, _ = causal_lm_examples(prompt_file, tokenizer, max_length=6, truncation="truncate", eos_token_id=1)
     assert first["input_ids"] == tokenizer.encode("what is two plus three five")

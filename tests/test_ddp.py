@@ -15,7 +15,6 @@ from lowrank.train import TrainingConfig, train
 from .helpers import assert_close_rel, tiny_gpt2
 from .test_train import examples
 
-pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out set")
 
 STEPS, PER_PROCESS_BATCH, ACCUMULATION = 3, 2, 2
 

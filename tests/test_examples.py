@@ -5,7 +5,6 @@ import pytest
 
 from examples import causal_lm, digits, multi_task, seq2seq
 
-pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out set")
 
 
 def smoke(module, tmp_path, png):

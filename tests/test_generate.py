@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, note
 from hypothesis import strategies as st
 
-from models.generate import generate, sample_next
-from models.gpt2 import GPT2Config, GPT2LMHeadModel
+from lowrank.models.generate import generate, sample_next
+from lowrank.models.gpt2 import GPT2Config, GPT2LMHeadModel
 
 VOCAB = 40
 
@@ -14,8 +14,19 @@ VOCAB = 40
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=160, n_embd=32, n_layer=2, n_head=4, initializer_range=0.3)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=160, n_embd=32, n_layer=2, n_head=4, initializer_range=0.3,
+                        eos_token_id=None)  # free generation unless a test names an eos
     return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture
+def with_config_eos(model):
+    """`model` whose config names an eos id (restored afterwards)."""
+    def set_eos(eos):
+        model.config.eos_token_id = eos
+        return model
+    yield set_eos
+    model.config.eos_token_id = None
 
 
 def left_padded(rows):
@@ -70,6 +81,26 @@ def test_padding_after_eos_defaults_to_eos(model):
     eos = int(generate(model, ids, max_new_tokens=1)[0, -1])
     assert torch.equal(generate(model, ids, max_new_tokens=5, eos_token_id=[VOCAB - 2, eos])[:, 3:],
                        torch.full((2, 1), eos))
+
+
+def test_eos_defaults_to_the_model_configs_as_in_transformers(model, with_config_eos):
+    ids = torch.tensor([[3, 4, 5]])
+    free = generate(model, ids, max_new_tokens=6)
+    eos = int(free[0, 3])  # the first new token
+    assert torch.equal(generate(with_config_eos(eos), ids, max_new_tokens=6), free[:, :4])
+    assert torch.equal(generate(model, ids, max_new_tokens=6, eos_token_id=[VOCAB + 1]), free)  # an explicit id wins
+
+
+def test_a_config_eos_outside_the_vocabulary_warns(model, with_config_eos):
+    with pytest.warns(UserWarning, match=f"eos_token_id=50256 lies outside vocab_size={VOCAB}"):
+        out = generate(with_config_eos(50256), torch.tensor([[1, 2]]), max_new_tokens=3)
+    assert out.shape == (1, 5)
+
+
+@pytest.mark.parametrize("eos", [[], 1.5, [2.0]])
+def test_an_eos_that_is_no_token_id_is_refused_by_name(model, eos):
+    with pytest.raises(ValueError, match="eos_token_id=.*expected a token id or a non-empty list"):
+        generate(model, torch.tensor([[1, 2]]), max_new_tokens=3, eos_token_id=eos)
 
 
 def test_sampling_with_a_seed_is_reproducible_and_seeds_differ(model):

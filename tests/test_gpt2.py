@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, note
 from hypothesis import strategies as st
 
-from models.gpt2 import Conv1D, GPT2Config, GPT2LMHeadModel
+from lowrank.models.gpt2 import Conv1D, GPT2Config, GPT2LMHeadModel
 
 from .helpers import assert_close_rel as assert_close
 

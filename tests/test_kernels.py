@@ -13,9 +13,9 @@ import torch
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels import reference
-from kernels.autograd import lora_matmul_op
+from lowrank import kernels
+from lowrank.kernels import reference
+from lowrank.kernels.autograd import lora_matmul_op
 
 from .kernel_checks import DTYPES, LAYOUTS, assert_matches, backend, make, to64
 

@@ -8,9 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import models
-from models import loading
-from models.gpt2 import GPT2Config, GPT2LMHeadModel
+from lowrank import models
+from lowrank.models import loading
+from lowrank.models.gpt2 import GPT2Config, GPT2LMHeadModel
 
 from .helpers import tiny_t5
 

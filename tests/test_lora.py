@@ -9,10 +9,10 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from torch import nn
 
-import kernels
+from lowrank import kernels
 from lowrank import LoraConfig, get_peft_model
 from lowrank.lora import BASE, LoraLayer, combine_adapters, mixed_batch_forward
-from models.gpt2 import Conv1D
+from lowrank.models.gpt2 import Conv1D
 
 from .helpers import assert_close_rel, tiny_gpt2
 from .kernel_checks import backend

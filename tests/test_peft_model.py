@@ -16,7 +16,6 @@ from lowrank.lora import BASE
 
 from .helpers import assert_close_rel, tiny_gpt2, tiny_t5
 
-pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out set")
 
 
 TINY = {"gpt2": tiny_gpt2, "t5": tiny_t5}

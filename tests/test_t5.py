@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from hypothesis import given, note
 from hypothesis import strategies as st
 
-import models
-from models.t5 import T5Config, T5ForConditionalGeneration, relative_position_bucket
+from lowrank import models
+from lowrank.models.t5 import T5Config, T5ForConditionalGeneration, relative_position_bucket
 
 from .helpers import assert_close_rel as assert_close
 

@@ -11,7 +11,6 @@ from lowrank.train import Trainer, TrainingConfig, lr_factor, train
 
 from .helpers import assert_close_rel, tiny_gpt2, tiny_t5
 
-pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out set")
 
 
 def examples(n, seed=0, prompt=3):

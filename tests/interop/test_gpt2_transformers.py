@@ -6,7 +6,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-import models
+from lowrank import models
 
 from ..helpers import assert_close_rel
 

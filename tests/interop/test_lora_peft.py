@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lowrank
-import models
+from lowrank import models
 
 from ..helpers import assert_close_rel
 

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import models
+from lowrank import models
 
 from ..helpers import assert_close_rel
 
