@@ -1,8 +1,8 @@
-"""What the examples share: a word-level tokenizer built locally, tiny GPT-2 and T5 models, the generated
-counting tasks, exact-match scoring by greedy generation, a loss-curve PNG, and the command line.
+"""What the examples share: tiny GPT-2 and T5 models, the generated counting tasks, exact-match scoring by
+greedy generation, a loss-curve PNG, and the command line.
 
-Nothing here downloads anything: the tokenizer comes from the `tokenizers` library trained on the words
-it is given, and every corpus is generated.
+Nothing here downloads anything: the tokenizer is lowrank.models.word_tokenizer on the task's words, and
+every corpus is generated.
 """
 import argparse
 import json
@@ -14,25 +14,6 @@ import torch
 from lowrank import models
 from lowrank.data import causal_lm_examples
 from lowrank.train import TrainingConfig, train
-
-PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2: T5's pad and eos ids
-
-
-def word_tokenizer(words, folder, append_eos=False):
-    """Write folder/tokenizer.json for a whitespace word-level vocabulary (PAD, EOS, UNK, then `words` in
-    order) and load it through models.load_tokenizer. append_eos: encoding ends every text with EOS, as
-    T5's tokenizer does (what T5 inputs look like in training and generation alike)."""
-    from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers, processors
-
-    vocab = {w: i for i, w in enumerate(dict.fromkeys([PAD, EOS, UNK, *words]))}
-    tokenizer = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token=UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.add_special_tokens([PAD, EOS, UNK])
-    if append_eos:
-        tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, 1)])
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(Path(folder) / "tokenizer.json"))
-    return models.load_tokenizer(folder)
 
 
 def vocab_size(tokenizer) -> int:
@@ -97,7 +78,7 @@ def pretrain_gpt2(tokenizer, steps: int, seed=0):
     """A tiny GPT-2 trained in full (all parameters) on counting up: (model, loss history)."""
     pairs = counting_pairs("up", 2000, seed)
     data = [{"input_ids": ids, "labels": ids}
-            for ids in (tokenizer.encode(f"{p} {c} {EOS}") for p, c in pairs)]
+            for ids in (tokenizer.encode(f"{p} {c}") + [tokenizer.eos_token_id] for p, c in pairs)]
     model = tiny_gpt2(tokenizer, seed=seed)
     trainer = train(model, data, TrainingConfig(max_steps=steps, batch_size=32, learning_rate=3e-3, warmup_steps=10,
                                                 seed=seed, progress=False, device="cpu"),

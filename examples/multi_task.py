@@ -15,9 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples.common,
 import torch  # noqa: E402
 
 from examples.common import (counting_data, counting_pairs, counting_words, exact_match,  # noqa: E402
-                             generate_text, out_dir, parse_args, plot_losses, pretrain_gpt2, word_tokenizer)
+                             generate_text, out_dir, parse_args, plot_losses, pretrain_gpt2)
 from lowrank import LoraConfig, get_peft_model  # noqa: E402
 from lowrank.lora import BASE  # noqa: E402
+from lowrank.models import word_tokenizer  # noqa: E402
 from lowrank.train import TrainingConfig, train  # noqa: E402
 
 TASKS = ("down", "twos")

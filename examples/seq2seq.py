@@ -13,9 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples.common, from the checkout
 
-from examples.common import exact_match, out_dir, parse_args, plot_losses, tiny_t5, word_tokenizer  # noqa: E402
+from examples.common import exact_match, out_dir, parse_args, plot_losses, tiny_t5  # noqa: E402
 from lowrank import LoraConfig, PromptTuningConfig, get_peft_model  # noqa: E402
 from lowrank.data import seq2seq_examples  # noqa: E402
+from lowrank.models import word_tokenizer  # noqa: E402
 from lowrank.train import TrainingConfig, train  # noqa: E402
 
 GOOD = "good great lovely superb fine pleasant wonderful".split()

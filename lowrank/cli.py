@@ -109,7 +109,9 @@ def method_config(args):
     foreign = [o.flag for _, (_, opts) in METHODS.items() for o in opts
                if o.field not in mine and getattr(args, o.field) is not None]
     if foreign:
-        raise ValueError(f"{', '.join(sorted(set(foreign)))} do not apply to --method {args.method}")
+        flags = sorted(set(foreign))
+        verb = "does" if len(flags) == 1 else "do"
+        raise ValueError(f"{', '.join(flags)} {verb} not apply to --method {args.method}")
     fields = {o.field: getattr(args, o.field) for o in options if getattr(args, o.field) is not None}
     defaults = {k: v for k, v in METHOD_DEFAULTS.items() if k in mine}
     return getattr(peft_configs, class_name)(**{**defaults, **fields})
@@ -138,7 +140,18 @@ def load_examples(path, model, tokenizer, args, max_length: int) -> list:
                                    completion_column=args.completion_column, text_column=args.text_column, **common)
 
 
+def check_output_dir(args) -> None:
+    """A fresh run (no --resume) may not write over an adapter or checkpoints already in --output-dir unless
+    --overwrite says so: ValueError naming what is there."""
+    out = Path(args.output_dir)
+    found = [p.name for p in (out / io.CONFIG_NAME, *sorted(out.glob("checkpoint-*"))) if p.exists()]
+    if found and args.resume is None and not args.overwrite:
+        raise ValueError(f"{out} already holds {', '.join(found)} from an earlier run; pass --overwrite to "
+                         f"replace it, or --resume to continue it")
+
+
 def finetune(args) -> None:
+    check_output_dir(args)
     training = TrainingConfig(output_dir=str(args.output_dir), progress=not args.no_progress,
                               **{o.field: getattr(args, o.field) for o in TRAINING if getattr(args, o.field) is not None})
     config = method_config(args)
@@ -158,24 +171,25 @@ def finetune(args) -> None:
 
 
 def generate(args) -> None:
+    """One generation per --adapter, each on the plain base model (LoRA and soft prompts cannot share one
+    model), or one without adapters. Every adapter folder is read first, so a bad one prints nothing else."""
     model, tokenizer = _load_model_and_tokenizer(args.model, args.tokenizer, args.device)
-    for i, folder in enumerate(args.adapter):  # adapters are named by position: "0", "1", ...
-        if i == 0:
-            model = PeftModel.from_pretrained(model, folder, adapter_name="0")
-        else:
-            model.load_adapter(folder, adapter_name=str(i))
+    for folder in args.adapter:
+        io.read_adapter(folder)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in tokenizer([args.prompt]).items()}
     if batch["input_ids"].numel() == 0:
         raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens")
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                    seed=args.seed, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    for i, folder in enumerate(args.adapter or [None]):
-        if folder is not None:
-            model.set_adapter(str(i))
-        out = model.generate(**batch, **settings)
-        text = tokenizer.decode(out[0, model.generation_prefix(batch["input_ids"]).shape[1]:])
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    for folder in args.adapter or [None]:
+        peft = model if folder is None else PeftModel.from_pretrained(model, folder)
+        out = peft.generate(**batch, **settings)
+        text = tokenizer.decode(out[0, peft.generation_prefix(batch["input_ids"]).shape[1]:])
         print(f"[{folder}] {text}" if folder is not None else text)
+        if folder is not None:
+            model = peft.unload()
 
 
 def merge(args) -> None:
@@ -262,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     for o in TRAINING:
         o.add_to(group)
     group.add_argument("--resume", help="a checkpoint folder, or 'latest' in --output-dir")
+    group.add_argument("--overwrite", action="store_true", help="replace an adapter or checkpoints already in --output-dir")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=finetune)
 
@@ -273,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: the model folder)")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="with --do-sample (default 1)")
+    p.add_argument("--top-k", type=positive_int, help="with --do-sample: sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="with --do-sample: sample from the smallest set holding mass p")
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.set_defaults(run=generate)

@@ -20,6 +20,10 @@ class Tokenizer:
         self.pad_token_id = padding["pad_id"] if padding else next((i for i in pad_ids if i is not None), None)
         self.eos_token_id = next((i for i in map(tokenizer.token_to_id, _EOS_CANDIDATES) if i is not None), None)
 
+    def __len__(self) -> int:
+        """The vocabulary size, special tokens included (what a model's vocab_size must cover)."""
+        return self.tokenizer.get_vocab_size()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
@@ -52,15 +56,40 @@ class Tokenizer:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def load_tokenizer(path) -> Tokenizer:
-    """The tokenizer saved as <path>/tokenizer.json (needs the `tokenizers` package)."""
+WORD_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as T5's pad, eos and unk
+
+
+def word_tokenizer(words, folder, append_eos: bool = False) -> Tokenizer:
+    """Write folder/tokenizer.json for a whitespace word-level vocabulary (<pad>, </s>, <unk>, then `words` in
+    order; made by the tokenizers library, nothing downloaded) and load it: a tokenizer for tiny models on
+    made-up tasks. append_eos: encoding ends every text with </s>, as T5's tokenizer does."""
+    tokenizers = _tokenizers()
+    pad, eos, unk = WORD_SPECIAL_TOKENS
+    vocab = {w: i for i, w in enumerate(dict.fromkeys([*WORD_SPECIAL_TOKENS, *words]))}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=unk))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(list(WORD_SPECIAL_TOKENS))
+    if append_eos:
+        tokenizer.post_processor = tokenizers.processors.TemplateProcessing(single=f"$A {eos}",
+                                                                            special_tokens=[(eos, vocab[eos])])
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(Path(folder) / "tokenizer.json"))
+    return load_tokenizer(folder)
+
+
+def _tokenizers():
+    """The tokenizers package, or ImportError saying how to install it."""
     try:
         import tokenizers
     except ImportError as e:
-        raise ImportError(
-            "models.load_tokenizer needs the `tokenizers` package: pip install tokenizers "
-            "(or the lowrank[interop] extra)"
-        ) from e
+        raise ImportError("lowrank.models needs the `tokenizers` package for tokenizers: pip install tokenizers "
+                          "(or the lowrank[interop] extra)") from e
+    return tokenizers
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """The tokenizer saved as <path>/tokenizer.json (needs the `tokenizers` package)."""
+    tokenizers = _tokenizers()
     file = Path(path) / "tokenizer.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no tokenizer.json in {path}")

@@ -28,7 +28,7 @@ def assert_close_rel(actual, expected, dtype=torch.float32, rtol=None, scale=Non
 def tiny_gpt2(seed=0, **overrides) -> models.GPT2LMHeadModel:
     """A random 2-layer GPT-2 (C=32, 4 heads, vocab 64), in eval mode."""
     torch.manual_seed(seed)
-    config = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64)
+    config = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64, eos_token_id=None)
     return models.GPT2LMHeadModel(models.GPT2Config(**{**config, **overrides})).eval()
 
 

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from lowrank import models
-from examples.common import tiny_gpt2, tiny_t5, word_tokenizer, write_jsonl
+from examples.common import tiny_gpt2, tiny_t5, write_jsonl
+from lowrank.models import word_tokenizer
 from lowrank import PeftModel
 from lowrank.cli import main
 
@@ -108,6 +109,40 @@ def test_generate_with_no_adapter_and_with_two(gpt2_dir, gpt2_adapter, capsys):
     assert code == 0 and len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith(f"[{gpt2_adapter}]")
 
 
+def test_generate_with_a_lora_and_a_prefix_adapter_gives_one_generation_each(gpt2_dir, gpt2_adapter, tmp_path,
+                                                                            capsys):
+    data = gpt2_adapter / "data" / "train.jsonl"
+    assert run(capsys, "finetune", gpt2_dir, data, "--output-dir", tmp_path, "--method", "prefix",
+               "--num-virtual-tokens", "4", "--max-steps", "2", "--no-progress")[0] == 0
+    code, out, err = run(capsys, "generate", gpt2_dir, "--prompt", "one two", "--adapter", gpt2_adapter,
+                         "--adapter", tmp_path, "--adapter", gpt2_adapter, "--max-new-tokens", "3")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 3, err
+    assert [line.split("] ")[0] for line in lines] == [f"[{gpt2_adapter}", f"[{tmp_path}", f"[{gpt2_adapter}"]
+    assert lines[0] == lines[2]  # the LoRA adapter gives the same tokens after the prefix adapter was unloaded
+
+
+def test_generate_samples_with_top_k_and_top_p_reproducibly(gpt2_dir, capsys):
+    argv = ["generate", gpt2_dir, "--prompt", "one two", "--max-new-tokens", "6", "--temperature", "3", "--seed", "1"]
+    greedy = run(capsys, *argv)
+    assert greedy[0] == 0 and run(capsys, *argv, "--do-sample", "--top-k", "1") == greedy  # k=1 leaves the argmax
+    assert run(capsys, *argv, "--do-sample", "--top-p", "1e-6") == greedy  # so does the smallest mass
+    sampled = run(capsys, *argv, "--do-sample", "--top-k", "5", "--top-p", "0.95")
+    assert sampled[0] == 0 and sampled == run(capsys, *argv, "--do-sample", "--top-k", "5", "--top-p", "0.95")
+
+
+def test_finetune_refuses_to_overwrite_an_earlier_run_unless_told(gpt2_dir, gpt2_adapter, tmp_path, capsys):
+    data = gpt2_adapter / "data" / "train.jsonl"
+    argv = ["finetune", gpt2_dir, data, "--output-dir", tmp_path, "--r", "2", "--max-steps", "1", "--no-progress"]
+    assert run(capsys, *argv)[0] == 0
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    code, _, err = run(capsys, *argv, "--lr", "0.5")
+    assert code == 1 and "already holds adapter_config.json" in err and "--overwrite" in err
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    assert run(capsys, *argv, "--lr", "0.5", "--overwrite")[0] == 0
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() != before
+
+
 def test_merge_writes_a_checkpoint_transformers_loads_with_equal_logits(gpt2_dir, gpt2_adapter, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     code, _, _ = run(capsys, "merge", gpt2_dir, gpt2_adapter, tmp_path / "merged")
@@ -137,7 +172,9 @@ def test_info_prints_config_and_parameter_counts(gpt2_dir, gpt2_adapter, capsys)
     (["finetune", "{model}", "{tmp}/missing.jsonl", "--output-dir", "{tmp}"], "missing.jsonl: data file not found"),
     (["finetune", "{model}", "{tmp}/empty.jsonl", "--output-dir", "{tmp}"], "empty.jsonl: empty file"),
     (["finetune", "{model}", "{tmp}/empty.jsonl", "--output-dir", "{tmp}", "--method", "prompt", "--r", "4"],
-     "--r do not apply to --method prompt"),
+     "--r does not apply to --method prompt"),
+    (["finetune", "{model}", "{tmp}/empty.jsonl", "--output-dir", "{tmp}", "--method", "prompt", "--r", "4",
+      "--use-rslora"], "--r, --use-rslora do not apply to --method prompt"),
     (["finetune", "{model}", "{tmp}/empty.jsonl", "--output-dir", "{tmp}", "--batch-size", "0"], "batch_size=0"),
     (["finetune", "{tmp}", "{tmp}/empty.jsonl", "--output-dir", "{tmp}"], "no config.json"),
     (["merge", "{model}", "{tmp}", "{tmp}/out"], "no adapter config"),
@@ -172,7 +209,10 @@ def test_bad_arguments_exit_2_with_usage(argv, capsys):
     assert exit_info.value.code == 2 and "usage: lowrank" in capsys.readouterr().err
 
 
-def test_python_dash_m_lowrank_help_runs_in_a_real_process():
-    result = subprocess.run([sys.executable, "-m", "lowrank", "--help"], cwd=ROOT, capture_output=True, text=True,
+@pytest.mark.parametrize("module", ["lowrank", "lowrank.cli"])
+def test_python_dash_m_prints_usage_in_a_real_process(module, tmp_path):
+    """Both entry points (torchrun -m lowrank.cli launches DDP runs), run outside the checkout."""
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)
-    assert result.returncode == 0 and all(c in result.stdout for c in ("finetune", "generate", "merge", "info"))
+    assert result.returncode == 0 and result.stdout.startswith("usage: lowrank")
+    assert all(c in result.stdout for c in ("finetune", "generate", "merge", "info"))

@@ -2,7 +2,7 @@
 collation pads with masks and -100, and bad files fail with the file, line and column named."""
 import pytest
 
-from examples.common import word_tokenizer
+from lowrank.models import word_tokenizer
 from lowrank.data import (causal_lm_examples, collate, label_tokens, read_records,
                           seq2seq_examples)
 

@@ -12,7 +12,6 @@ from lowrank.train import Trainer, TrainingConfig, lr_factor, train
 from .helpers import assert_close_rel, tiny_gpt2, tiny_t5
 
 
-
 def examples(n, seed=0, prompt=3):
     """n causal-LM examples of 5..10 random tokens, the first `prompt` of them masked out of the loss."""
     g = torch.Generator().manual_seed(seed)
@@ -46,6 +45,16 @@ def trainable(model):
 
 def without_timings(history):
     return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in history]
+
+
+def test_the_progress_bar_draws_on_a_terminal_only(tmp_path, capsys, monkeypatch):
+    """Under pytest stderr is no terminal, like a log file: progress=True must write no bar there."""
+    run = lambda: Trainer(peft_gpt2(), config(max_steps=3, progress=True, output_dir=str(tmp_path)), examples(4)).train()
+    run()
+    assert "train:" not in capsys.readouterr().err
+    monkeypatch.setattr(type(__import__("sys").stderr), "isatty", lambda self: True, raising=False)
+    run()
+    assert "train: 100%" in capsys.readouterr().err  # the bar itself still works where it can be seen
 
 
 @pytest.mark.parametrize("make", [peft_gpt2, lambda: get_peft_model(tiny_t5(), LoraConfig(r=4))], ids=["gpt2", "t5"])
