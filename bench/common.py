@@ -3,10 +3,12 @@
 Timers take {name: fn} and return {name: [median, p20, p80] ms}: on a GPU
 from triton.testing.do_bench, on a CPU from `interleaved` repeats after a warm-up.
 """
+import ctypes
 import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -22,26 +24,51 @@ GPT2_SHAPES = {
 }
 
 
-def interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 3, repeats: int = 20) -> Dict[str, List[float]]:
-    """{name: [median, p20, p80] ms} of each fn() on the CPU, after `warmup` calls each.
+def interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 3, repeats: int = 20,
+                seconds: float = 0.0) -> Dict[str, List[float]]:
+    """{name: [median, p20, p80] ms} of each fn() on the CPU: `warmup` calls each, then rounds of
+    one call each until there have been `repeats` rounds and `seconds` have passed.
 
-    The fns run in turn, in alternating order each repeat, so that a change in the machine's
-    other load hits them all alike and their ratio stays meaningful.
+    The fns run in turn, in a fresh random order each round, so that a change in the machine's
+    other load hits them all alike and their ratio stays meaningful; with a fixed or alternating
+    order, the fns in the middle of a round always ran at the same point of the scheduler's time
+    slice (fused/merged read 5x with three fns on an overloaded machine). A time budget spreads
+    the samples of a fast fn over long enough that a burst of other load (a few hundred ms) moves
+    few of them; a fixed count of a few-ms calls fits inside one such burst.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples = {name: [] for name in fns}
-    for r in range(repeats):
-        for name in list(fns)[:: 1 if r % 2 == 0 else -1]:
-            start = time.perf_counter()
+    order, shuffle = list(fns), random.Random(0).shuffle
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or time.perf_counter() - start < seconds:
+        shuffle(order)
+        for name in order:
+            t = time.perf_counter()
             fns[name]()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            samples[name].append((time.perf_counter() - t) * 1e3)
+        rounds += 1
     out = {}
     for name, s in samples.items():
         q = statistics.quantiles(s, n=10)
         out[name] = [statistics.median(s), q[1], q[7]]
     return out
+
+
+def keep_freed_memory() -> None:
+    """Have glibc keep freed memory instead of handing it back to the kernel (a no-op without mallopt).
+
+    Otherwise, depending on where the heap happens to put them, an op's MB-sized temporaries are
+    returned at every free and page-faulted in anew at the next call: on the CPU that made
+    `x @ W + s * ((x @ A) @ B)` at M=512 take 7.6 ms in one process and 10.5 ms in the next.
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        mallopt(M_TRIM_THRESHOLD, 1 << 30)
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest; else the line above freezes it at 128 KiB
 
 
 def time_gpu(fns: Dict[str, Callable[[], object]]) -> Dict[str, List[float]]:

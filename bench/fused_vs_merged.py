@@ -12,13 +12,16 @@ are `nn.Linear`-style weights seen through `.T`, so nothing is copied.
 On a CUDA machine: bf16, K=N in {768, 4096} and K=4096,N=11008, r in {8, 16, 64},
 prefill M in {512, 2048, 8192}, decode M in {1, 8, 32}, timed with
 triton.testing.do_bench. Without a GPU it times the torch path on the CPU at
-small sizes and says so: those figures say nothing about the kernels' speed.
+small sizes, on one thread, for 2 s a row, and says so: those figures say nothing
+about the kernels' speed.
 
 Prints a table (last line: the headline ratios), writes JSON rows and a PNG.
 Usage: python bench/fused_vs_merged.py [--quick] [--out bench/out]
 """
 import argparse
+import functools
 import os
+import statistics
 import sys
 from dataclasses import asdict, dataclass
 
@@ -26,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lowrank import kernels  # noqa: E402
-from bench.common import interleaved, pyplot, run_info, time_gpu, write_json  # noqa: E402
+from bench.common import interleaved, keep_freed_memory, pyplot, run_info, time_gpu, write_json  # noqa: E402
 
 SCALE = 2.0
 
@@ -133,10 +136,19 @@ def headline(rows, on_gpu: bool) -> str:
             return (f"headline (K=N=4096, r=16, bf16): prefill M=8192 fused/merged {fwd['fused_over_merged']:.3f}x, "
                     f"fused/unfused {fwd['fused_over_unfused']:.3f}x; fwd+bwd fused/unfused "
                     f"{bwd['fused_over_unfused']:.3f}x; decode M=8 fused/merged {dec['fused_over_merged']:.3f}x")
-    largest = max((r for r in rows if r["pass_"] == "fwd"), key=lambda r: (r["M"], r["r"]))
+    # Over all prefill forward rows, so that one row's bad luck cannot carry the headline.
+    sel = [r for r in rows if r["pass_"] == "fwd" and r["phase"] == "prefill"]
+
+    def values(key):
+        return "/".join(str(v) for v in sorted({r[key] for r in sel}))
+
+    def gmean(key):
+        return statistics.geometric_mean(r[key] for r in sel)
+
     where = "GPU" if on_gpu else "CPU torch path, not the Triton kernels"
-    return (f"headline ({where}; M={largest['M']} K={largest['K']} N={largest['N']} r={largest['r']}): "
-            f"fused/merged {largest['fused_over_merged']:.3f}x, fused/unfused {largest['fused_over_unfused']:.3f}x")
+    return (f"headline ({where}; prefill fwd, geometric mean over M={values('M')} K={values('K')} N={values('N')} "
+            f"r={values('r')}): fused/merged {gmean('fused_over_merged'):.3f}x, "
+            f"fused/unfused {gmean('fused_over_unfused'):.3f}x")
 
 
 def plot(rows, path: str) -> None:
@@ -167,13 +179,20 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     on_gpu = torch.cuda.is_available()
-    info = run_info()
     if on_gpu:
         cases, dtype, timer = gpu_cases(args.quick), torch.bfloat16, time_gpu
     else:
-        cases, dtype, timer = cpu_cases(args.quick), torch.float32, interleaved
-        print("No CUDA device: timing the torch CPU path (fp32, small sizes). These figures say nothing "
-              "about the Triton kernels; run on a GPU for those.")
+        # One thread: on a small machine shared with other work a two-thread GEMM waits, op after
+        # op, for whichever core another process holds, and the fused path (three GEMMs) pays that
+        # more often than the merged one (on a loaded 2-core machine fused/merged read 2.5x with two
+        # threads, 1.04-1.09x with one).
+        torch.set_num_threads(1)
+        keep_freed_memory()
+        timer = functools.partial(interleaved, seconds=0.0 if args.quick else 2.0)
+        cases, dtype = cpu_cases(args.quick), torch.float32
+        print("No CUDA device: timing the torch CPU path (fp32, small sizes, one thread). These figures say "
+              "nothing about the Triton kernels; run on a GPU for those.")
+    info = run_info()
     print(f"device: {info['device']}; torch {info['torch']}; git {info['git_sha']}; {info['date']}")
     print(HEADER)
     rows = measure(cases, dtype, "cuda" if on_gpu else "cpu", timer)

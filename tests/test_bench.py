@@ -1,17 +1,30 @@
 """Every benchmark runs end to end in its --quick mode and writes its JSON rows.
 
 The timings of a smoke run mean nothing; what is checked is that the scripts still run against the
-current API, that their correctness checks pass, and that each row carries its timings.
+current API, that their correctness checks pass, and that each row carries its timings; and that
+the CPU timer runs for as long as it is asked.
 """
 import json
+import time
 
 import pytest
 
 from bench import fused_vs_merged, lora_train_cpu, mixed_adapters, model_cpu
+from bench.common import interleaved
 
 
 def rows_of(path):
     return json.loads(path.read_text())["rows"]
+
+
+def test_interleaved_runs_until_both_repeats_and_seconds():
+    calls = {"a": 0, "b": 0}
+    fns = {name: (lambda name=name: calls.__setitem__(name, calls[name] + 1)) for name in calls}
+    start = time.perf_counter()
+    times = interleaved(fns, warmup=0, repeats=5, seconds=0.05)
+    assert time.perf_counter() - start >= 0.05
+    assert calls["a"] == calls["b"] > 5
+    assert set(times) == {"a", "b"}
 
 
 def test_fused_vs_merged_quick(tmp_path):
