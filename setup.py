@@ -13,16 +13,17 @@ setup(
     package_dir={"lowrank": "lowrank", "lowrank.kernels": "kernels", "lowrank.models": "models"},
     install_requires=[
         "numpy>=1.24",
-        "torch>=2.4",
+        "torch>=2.13",
         "safetensors>=0.4",
-        "triton>=3.0; platform_system == 'Linux'",
+        "triton>=3.9; platform_system == 'Linux'",
         "tqdm>=4.60",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.2", "matplotlib>=3.7"],
-        "interop": ["transformers>=4.45", "peft>=0.13", "tokenizers>=0.19"],
+        # Floors tested by .ci/run (.ci/oldest-supported.txt); README's test command takes the newest.
+        "interop": ["transformers>=5.15.1", "peft>=0.21.0", "tokenizers>=0.22.2"],
         "bench": ["matplotlib>=3.7"],
-        "examples": ["scikit-learn>=1.2", "matplotlib>=3.7", "tokenizers>=0.19"],
+        "examples": ["scikit-learn>=1.2", "matplotlib>=3.7", "tokenizers>=0.22.2"],
     },
     entry_points={"console_scripts": ["lowrank=lowrank.cli:main"]},
 )
