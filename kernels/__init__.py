@@ -10,23 +10,30 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .autograd import lora_matmul_batched_op, lora_matmul_op, use_triton
+from .autograd import autocast_operands, lora_matmul_batched_op, lora_matmul_op, use_triton
 from .torch_ref import lora_batched_fwd_torch, lora_fwd_torch
 
 __all__ = ["lora_matmul", "lora_matmul_batched", "use_triton"]
 
 
 def _check(x: Tensor, w: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor]) -> None:
-    named = {"x": x, "W": w, "A": a, "B": b}
-    if bias is not None:
-        named["bias"] = bias
-    for name, t in named.items():
-        if not t.is_floating_point():
-            raise TypeError(f"lora_matmul: {name} has dtype {t.dtype}; expected a floating dtype")
-        if t.dtype != x.dtype:
-            raise TypeError(f"lora_matmul: {name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
-        if t.device != x.device:
+    """ValueError/TypeError naming the operand at fault. The common case costs a few attribute reads:
+    decode calls this for every layer and token."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"lora_matmul: x must be a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+    for name, t in (("W", w), ("A", a), ("B", b), ("bias", bias)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"lora_matmul: {name} must be a tensor, got {type(t).__name__}")
+        if t is not None and t.device != x.device:
             raise ValueError(f"lora_matmul: {name} is on {t.device} but x is on {x.device}")
+    if w.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        bad = "W" if w.dtype != x.dtype else "bias"
+        raise TypeError(f"lora_matmul: {bad} has dtype {(w if bad == 'W' else bias).dtype} but x has {x.dtype}; "
+                        f"cast them to one dtype")
+    if a.dtype != b.dtype or (a.dtype != x.dtype and not (a.dtype == torch.float32 and x.element_size() == 2)):
+        raise TypeError(f"lora_matmul: A and B have dtypes {a.dtype} and {b.dtype} with x {x.dtype}; they must "
+                        f"share x's dtype, or be float32 with a 16-bit x (fp32 adapters on a half-precision model)")
     if x.dim() < 1 or w.dim() != 2 or a.dim() != 2 or b.dim() != 2:
         raise ValueError(
             f"lora_matmul: expected x (..., K), W (K, N), A (K, r), B (r, N); got x {tuple(x.shape)}, "
@@ -47,23 +54,49 @@ def _check(x: Tensor, w: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor]) -
         raise ValueError(f"lora_matmul: bias has shape {tuple(bias.shape)}, expected ({N},)")
 
 
-def lora_matmul(x: Tensor, W: Tensor, A: Tensor, B: Tensor, scale: float, bias: Optional[Tensor] = None) -> Tensor:
-    """y = x @ W + scale * (x @ A) @ B + bias.
+def _dropout_seed(dropout_p, seed) -> int:
+    """The seed of LoRA dropout's mask: `seed`, or one drawn from torch's default generator (so that
+    torch.manual_seed reproduces a run); ValueError unless 0 <= dropout_p < 1."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_matmul: dropout_p={dropout_p!r} must be in [0, 1)")
+    if seed is None:
+        return int(torch.randint(0, 2**31 - 1, ()).item())
+    return int(seed)
+
+
+def lora_matmul(x: Tensor, W: Tensor, A: Tensor, B: Tensor, scale: float, bias: Optional[Tensor] = None,
+                dropout_p: float = 0.0, seed: Optional[int] = None) -> Tensor:
+    """y = x @ W + scale * (dropout(x) @ A) @ B + bias, in one fused call.
 
     x: (..., K); W: (K, N), any strides (an nn.Linear weight's `.T`, a Conv1D
     weight); A: (K, r) and B: (r, N), any strides (PEFT's `lora_A.weight.T`,
-    `lora_B.weight.T`); bias: (N,) or None. One floating dtype for all; fp16 and
-    bf16 accumulate in fp32. Returns (..., N) in x's dtype. Differentiable in
-    x, A, B, bias (and W, if it requires grad).
+    `lora_B.weight.T`); bias: (N,) or None. x, W and bias share a floating dtype;
+    A and B share it too, or are fp32 with a 16-bit x (PEFT's fp32 adapters on a
+    bf16/fp16 model: the LoRA term is computed in fp32 and added before the one
+    rounding). fp16 and bf16 accumulate in fp32. Returns (..., N) in x's dtype.
+    Differentiable in x, A, B, bias (and W, if it requires grad); A's and B's
+    gradients come in their dtype.
+
+    dropout_p: LoRA dropout (training): the low-rank path sees keep * x / (1 - p),
+    the base path x itself. The mask is a function of the seed and each element's
+    coordinates, regenerated in the backward and never stored; seed=None draws the
+    seed from torch's default generator, so torch.manual_seed reproduces a run.
+    Under torch.autocast, x, W and bias take the autocast dtype; A and B keep theirs.
     """
     _check(x, W, A, B, bias)
+    p = float(dropout_p)
+    seed = _dropout_seed(p, seed) if p else 0
     x2 = x.reshape(-1, x.shape[-1])
     if use_triton(x):
-        y, _ = lora_matmul_op(x2, W, A, B, float(scale), bias)
+        y, _ = lora_matmul_op(x2, W, A, B, float(scale), bias, p, seed)
+    elif torch.is_autocast_enabled(x.device.type):
+        x2, W, bias = autocast_operands(x2, W, bias, x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            y, _ = lora_fwd_torch(x2, W, A, B, float(scale), bias, p, seed)
     else:
         # Plain torch ops: autograd and torch.compile see through them, and eager
         # calls skip the custom op's dispatch cost (about 0.1 ms, a decode step's worth).
-        y, _ = lora_fwd_torch(x2, W, A, B, float(scale), bias)
+        y, _ = lora_fwd_torch(x2, W, A, B, float(scale), bias, p, seed)
     return y.reshape(*x.shape[:-1], W.shape[1])
 
 

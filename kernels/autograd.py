@@ -1,16 +1,21 @@
-"""The LoRA matmul as a torch.library custom op with a fake impl and registered autograd.
+"""The LoRA matmul as a torch.library custom op with a fake impl, registered autograd and autocast.
 
 Registered this way, torch.compile traces `lowrank::lora_matmul` as one opaque
 node (no graph break) and autograd calls `_backward` below.
 
-Forward (W frozen):  y = x @ W + s * (x @ A) @ B + bias,  and xa = x @ A is kept.
+Forward (W frozen), D = keep * x / (1 - p) with LoRA dropout (keep regenerated
+from the seed, never stored), D = x without:
+    y = x @ W + s * (D @ A) @ B + bias,  and xa = D @ A is kept.
 Backward, with g = dY @ B.T (M, r):
-    dX    = dY @ W.T + s * g @ A.T     the same fused op on transposed views,
-                                       whose second output is g itself
-    dA    = s * X.T @ g                (K, r)
+    dX    = dY @ W.T + keep/(1-p) * (s * g @ A.T)   the same fused op on transposed
+                                       views, mask on its output; its second output is g
+    dA    = s * D.T @ g                (K, r)
     dB    = s * xa.T @ dY              (r, N), reusing xa from the forward
     dbias = dY summed over rows        (N,)
     dW    = X.T @ dY                   only if W requires grad (full fine-tuning)
+A and B may be fp32 while x and W are 16-bit: g, xa, dA and dB are then fp32 and
+dX has x's dtype. Under torch.autocast x, W and bias take the autocast dtype and
+A, B keep theirs (`autocast_operands`).
 """
 import os
 from typing import Optional, Tuple
@@ -18,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .torch_ref import lora_fwd_torch
+from .torch_ref import DROPOUT_INPUT, DROPOUT_OUTPUT, dropped_t_matmul_torch, lora_fwd_torch
 
 
 def use_triton(x: Tensor) -> bool:
@@ -34,50 +39,104 @@ def use_triton(x: Tensor) -> bool:
     return True
 
 
-@torch.library.custom_op("lowrank::lora_matmul", mutates_args=())
-def lora_matmul_op(x: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float,
-                   bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """x (M, K), w (K, N), a (K, r), b (r, N), bias (N,) | None -> (y (M, N), xa (M, r))."""
+def _fused(x, w, a, b, scale, bias, dropout_p, seed, dropout):
+    """(y, xa) from the Triton kernels (CUDA, or forced) or the torch path; see lora_triton.lora_fwd."""
     if use_triton(x):
         from .lora_triton import lora_fwd  # triton is imported only when a kernel is launched
 
-        return lora_fwd(x, w, a, b, scale, bias)
-    return lora_fwd_torch(x, w, a, b, scale, bias)
+        return lora_fwd(x, w, a, b, scale, bias, dropout_p, seed, dropout)
+    return lora_fwd_torch(x, w, a, b, scale, bias, dropout_p, seed, dropout)
+
+
+# The backward's two mask-dependent products are ops of their own: opaque to tracing, which cannot follow
+# the torch path's seeded generator, and one launch each on the Triton path.
+@torch.library.custom_op("lowrank::lora_matmul_dx", mutates_args=())
+def lora_matmul_dx_op(dy: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, dropout_p: float,
+                      seed: int) -> Tuple[Tensor, Tensor]:
+    """(dX = dY @ W.T + keep/(1-p) * (s * g @ A.T) (M, K), g = dY @ B.T (M, r)) for dy (M, N)."""
+    return _fused(dy, w.T, b.T, a.T, scale, None, dropout_p, seed, DROPOUT_OUTPUT)
+
+
+@lora_matmul_dx_op.register_fake
+def _(dy, w, a, b, scale, dropout_p, seed):
+    return dy.new_empty((dy.shape[0], w.shape[0])), b.new_empty((dy.shape[0], b.shape[0]))
+
+
+@torch.library.custom_op("lowrank::lora_dropped_t_matmul", mutates_args=())
+def lora_dropped_t_matmul_op(x: Tensor, g: Tensor, dropout_p: float, seed: int) -> Tensor:
+    """D.T @ g (K, r) in g's dtype, D the forward's dropped-out x (M, K), for g (M, r): dA / s."""
+    if use_triton(x):
+        from .lora_triton import dropped_t_matmul
+
+        return dropped_t_matmul(x, g, dropout_p, seed)
+    return dropped_t_matmul_torch(x, g, dropout_p, seed)
+
+
+@lora_dropped_t_matmul_op.register_fake
+def _(x, g, dropout_p, seed):
+    return g.new_empty((x.shape[1], g.shape[1]))
+
+
+@torch.library.custom_op("lowrank::lora_matmul", mutates_args=())
+def lora_matmul_op(x: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, bias: Optional[Tensor],
+                   dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
+    """x (M, K), w (K, N), a (K, r), b (r, N), bias (N,) | None -> (y (M, N), xa (M, r) in a's dtype)."""
+    return _fused(x, w, a, b, scale, bias, dropout_p, seed, DROPOUT_INPUT)
 
 
 @lora_matmul_op.register_fake
-def _(x, w, a, b, scale, bias):
-    return x.new_empty((x.shape[0], w.shape[1])), x.new_empty((x.shape[0], a.shape[1]))
+def _(x, w, a, b, scale, bias, dropout_p, seed):
+    return x.new_empty((x.shape[0], w.shape[1])), a.new_empty((x.shape[0], a.shape[1]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, a, b, scale, bias = inputs
+    x, w, a, b, scale, bias, dropout_p, seed = inputs
     ctx.save_for_backward(x, w, a, b, output[1])
-    ctx.scale = scale
+    ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, dy: Tensor, _dxa: Tensor):
     x, w, a, b, xa = ctx.saved_tensors
-    s = ctx.scale
-    need_dx, need_dw, need_da, need_db, _, need_dbias = ctx.needs_input_grad
+    s, p, seed = ctx.scale, ctx.dropout_p, ctx.seed
+    need_dx, need_dw, need_da, need_db, _, need_dbias = ctx.needs_input_grad[:6]
     dx = dw = da = db = dbias = None
     if need_dx:
-        dx, g = lora_matmul_op(dy, w.T, b.T, a.T, s, None)
+        dx, g = lora_matmul_dx_op(dy, w, a, b, s, p, seed)
     elif need_da:
-        g = dy @ b.T
+        g = dy.to(b.dtype) @ b.T
     if need_da:
-        da = (x.T @ g).mul_(s)
+        da = lora_dropped_t_matmul_op(x, g, p, seed).mul_(s)
     if need_db:
-        db = (xa.T @ dy).mul_(s)
+        db = (xa.T @ dy.to(xa.dtype)).mul_(s)
     if need_dw:
         dw = x.T @ dy
     if need_dbias:
         dbias = dy.sum(0)
-    return dx, dw, da, db, None, dbias
+    return dx, dw, da, db, None, dbias, None, None
 
 
 lora_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def autocast_operands(x: Tensor, w: Tensor, bias: Optional[Tensor], device_type: str):
+    """(x, w, bias) in the autocast dtype of `device_type`, as F.linear takes them under autocast; the
+    adapters are not among them: fp32 A and B stay fp32."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return x.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _autocast_rule(device_type: str):
+    def rule(x, w, a, b, scale, bias, dropout_p, seed):
+        x, w, bias = autocast_operands(x, w, bias, device_type)
+        with torch.autocast(device_type, enabled=False):  # excludes this key: the op runs as called
+            return lora_matmul_op(x, w, a, b, scale, bias, dropout_p, seed)
+    return rule
+
+
+_autocast_library = torch.library.Library("lowrank", "IMPL")
+for _device_type, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+    _autocast_library.impl("lora_matmul", _autocast_rule(_device_type), _key)
 
 
 @torch.library.custom_op("lowrank::lora_matmul_batched", mutates_args=())

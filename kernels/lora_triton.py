@@ -17,12 +17,25 @@ column block but saves a launch while the product is bound by reading W.
 Every operand is addressed through its strides, so an nn.Linear weight seen as
 `weight.T`, a Conv1D weight, and PEFT's `lora_A.weight.T` / `lora_B.weight.T`
 are read in place. Ragged edges are masked, never padded.
+
+LoRA dropout (DROPOUT_INPUT): the low-rank path sees D = keep * x / (1 - p),
+made from the x tile already loaded for x @ W; keep is Philox (`tl.rand`) of
+(seed, m * K + k), so any kernel regenerates the same mask element by element
+and it is never stored. The backward's dX applies it to its output instead
+(DROPOUT_OUTPUT: dX = dY @ W.T + keep/(1-p) * s * g @ A.T), and dA = s * D.T @ g
+is the shrink kernel on transposed views with the mask's coordinates swapped.
+
+A and B may be fp32 while x and W are 16-bit (PEFT's fp32 adapters): x tiles are
+widened for the low-rank dots, xa is kept in fp32, and the LoRA term meets the
+fp32 accumulator before the one rounding to y's dtype.
 """
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .torch_ref import DROPOUT_INPUT, DROPOUT_OUTPUT, NO_DROPOUT
 
 # Rows at or below which the shrink runs inside the main loop (one launch).
 DECODE_MAX_M = 64
@@ -31,14 +44,24 @@ IN_LOOP_MAX_R = 64
 
 
 @triton.jit
+def _keep_scale(seed, p, offs_row, offs_col, mask_stride_row, mask_stride_col):
+    """keep / (1 - p) in fp32 for a (rows, cols) tile: LoRA dropout's mask at these coordinates, where the
+    element (row, col) is mask element row * mask_stride_row + col * mask_stride_col (int64: no overflow
+    past 2^31 elements). Philox of (seed, that index): the same number in every kernel that asks."""
+    index = offs_row[:, None].to(tl.int64) * mask_stride_row + offs_col[None, :].to(tl.int64) * mask_stride_col
+    return tl.where(tl.rand(seed, index) >= p, 1.0 / (1.0 - p), 0.0)
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, xa_ptr,
-    M, K, R,
-    stride_xm, stride_xk, stride_ak, stride_ar, stride_xam, stride_xar,
-    PRECISION: tl.constexpr,
+    M, K, R, seed, p,
+    stride_xm, stride_xk, stride_ak, stride_ar, stride_xam, stride_xar, mask_stride_m, mask_stride_k,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """xa[m, r] = sum_k x[m, k] * A[k, r]; grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))."""
+    """xa[m, r] = sum_k D[m, k] * A[k, r], D = x or, with DROPOUT, x * keep / (1 - p); x is widened to A's
+    dtype. grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -51,7 +74,9 @@ def _shrink_kernel(
         mask_k = offs_k < K - k0
         x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
-        acc = tl.dot(x, a, acc, input_precision=PRECISION)
+        if DROPOUT:
+            x = x * _keep_scale(seed, p, offs_m, k0 + offs_k, mask_stride_m, mask_stride_k)
+        acc = tl.dot(x.to(a.dtype), a, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
     xa_ptrs = xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar
@@ -78,10 +103,11 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 @triton.jit
 def _lora_fwd_kernel(
     x_ptr, w_ptr, a_ptr, b_ptr, xa_ptr, bias_ptr, y_ptr,
-    M, N, K, R, scale, M_BUCKET,
+    M, N, K, R, scale, seed, p, M_BUCKET,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_ak, stride_ar,
-    stride_br, stride_bn, stride_xam, stride_xar, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr, PRECISION: tl.constexpr,
+    stride_br, stride_bn, stride_xam, stride_xar, stride_ym, stride_yn, mask_stride_row, mask_stride_col,
+    HAS_BIAS: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -89,7 +115,9 @@ def _lora_fwd_kernel(
 
     SHRINK_IN_LOOP: xa is accumulated beside x @ W and written by the first
     column block (BLOCK_R must cover R). Otherwise xa is read from xa_ptr in
-    BLOCK_R-wide slices.
+    BLOCK_R-wide slices. DROPOUT: NO_DROPOUT, DROPOUT_INPUT (the in-loop shrink
+    sees the mask at x's coordinates (m, k)) or DROPOUT_OUTPUT (the LoRA term is
+    masked at y's coordinates (m, n)); mask_stride_* map coordinates to mask indices.
     """
     pid_n, offs_m, offs_n, mask_m, mask_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -107,12 +135,14 @@ def _lora_fwd_kernel(
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
         if SHRINK_IN_LOOP:
             a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
-            xa_acc = tl.dot(x, a, xa_acc, input_precision=PRECISION)
+            if DROPOUT == 1:  # DROPOUT_INPUT: the x tile already loaded, masked for the low-rank path only
+                x = x * _keep_scale(seed, p, offs_m, k0 + offs_k, mask_stride_row, mask_stride_col)
+            xa_acc = tl.dot(x.to(a.dtype), a, xa_acc, input_precision=LORA_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # Epilogue: lora = xa @ B in fp32, with xa rounded to the input dtype as the
+    # Epilogue: lora = xa @ B in fp32, with xa rounded to A's dtype as the
     # unfused expression rounds it, then y = acc + s * lora + bias.
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SHRINK_IN_LOOP:
@@ -123,7 +153,7 @@ def _lora_fwd_kernel(
             tl.store(xa_ptrs, xa, mask=mask_m[:, None] & mask_r[None, :])
         b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
         b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        lora = tl.dot(xa, b, lora, input_precision=PRECISION)
+        lora = tl.dot(xa, b, lora, input_precision=LORA_PRECISION)
     else:
         for r0 in range(0, R, BLOCK_R):
             mask_r = offs_r < R - r0
@@ -131,7 +161,9 @@ def _lora_fwd_kernel(
             b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn
             xa = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            lora = tl.dot(xa, b, lora, input_precision=PRECISION)
+            lora = tl.dot(xa, b, lora, input_precision=LORA_PRECISION)
+    if DROPOUT == 2:  # DROPOUT_OUTPUT
+        lora = lora * _keep_scale(seed, p, offs_m, offs_n, mask_stride_row, mask_stride_col)
     acc += scale * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -152,7 +184,8 @@ def _fwd_configs():
     ]
 
 
-_lora_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=["M_BUCKET", "N", "K", "R", "SHRINK_IN_LOOP"])(
+_lora_fwd_tuned = triton.autotune(configs=_fwd_configs(),
+                                  key=["M_BUCKET", "N", "K", "R", "SHRINK_IN_LOOP", "DROPOUT"])(
     _lora_fwd_kernel
 )
 
@@ -178,42 +211,72 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def lora_fwd(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-             scale: float, bias=None):
+             scale: float, bias=None, dropout_p: float = 0.0, seed: int = 0, dropout: int = DROPOUT_INPUT):
     """Fused forward on already-checked operands.
 
-    x: (M, K); w: (K, N); a: (K, r); b: (r, N); bias: (N,) or None; any strides,
-    one floating dtype. Returns (y (M, N), xa (M, r)) in x's dtype.
+    x: (M, K); w: (K, N); a: (K, r); b: (r, N); bias: (N,) or None; any strides;
+    x, w, bias one floating dtype; a, b that dtype or fp32. With dropout_p > 0,
+    `dropout` says where the mask (of `seed`) applies: DROPOUT_INPUT, the forward's
+    x, with mask index m * K + k; DROPOUT_OUTPUT, the backward's dX, whose (M, N)
+    output has the forward's x coordinates, with mask index m * N + n.
+    Returns (y (M, N) in x's dtype, xa (M, r) in a's dtype).
     """
     M, K = x.shape
     N, R = w.shape[1], a.shape[1]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    xa = torch.empty((M, R), device=x.device, dtype=a.dtype)
     if M == 0 or N == 0:
         return y, xa
     if K == 0:
         y.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(y))
         return y, xa.zero_()
-    precision = _dot_precision(x.dtype)
+    mode = dropout if dropout_p > 0 else NO_DROPOUT
+    mask_strides = (N, 1) if mode == DROPOUT_OUTPUT else (K, 1)
     in_loop = M <= DECODE_MAX_M and R <= IN_LOOP_MAX_R
     block_r = max(16, triton.next_power_of_2(R)) if in_loop else min(64, max(16, triton.next_power_of_2(R)))
+    kernel_mode = mode
     if not in_loop:
-        shrink_m = 32 if _interpreting() else 64
-        shrink_k = 32 if _interpreting() else 64
-        grid = (triton.cdiv(M, shrink_m), triton.cdiv(R, block_r))
-        _shrink_kernel[grid](
-            x, a, xa, M, K, R,
-            x.stride(0), x.stride(1), a.stride(0), a.stride(1), xa.stride(0), xa.stride(1),
-            PRECISION=precision, BLOCK_M=shrink_m, BLOCK_K=shrink_k, BLOCK_R=block_r,
-        )
+        shrink(x, a, xa, block_r, dropout_p if mode == DROPOUT_INPUT else 0.0, seed, mask_strides)
+        if mode == DROPOUT_INPUT:
+            kernel_mode = NO_DROPOUT  # the shrink applied it
     args = (
         x, w, a, b, xa, bias if bias is not None else y, y,
-        M, N, K, R, float(scale), triton.next_power_of_2(M),
+        M, N, K, R, float(scale), seed, float(dropout_p), triton.next_power_of_2(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1), xa.stride(0), xa.stride(1), y.stride(0), y.stride(1),
+        b.stride(0), b.stride(1), xa.stride(0), xa.stride(1), y.stride(0), y.stride(1), *mask_strides,
     )
-    flags = dict(HAS_BIAS=bias is not None, SHRINK_IN_LOOP=in_loop, PRECISION=precision, BLOCK_R=block_r)
+    flags = dict(HAS_BIAS=bias is not None, SHRINK_IN_LOOP=in_loop, DROPOUT=kernel_mode,
+                 PRECISION=_dot_precision(x.dtype), LORA_PRECISION=_dot_precision(a.dtype), BLOCK_R=block_r)
     launch_tiles(_lora_fwd_kernel, _lora_fwd_tuned, M, N, args, flags)
     return y, xa
+
+
+def shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor, block_r: int = 64, dropout_p: float = 0.0,
+           seed: int = 0, mask_strides=(0, 0)) -> torch.Tensor:
+    """out (M, r) = D @ a for x (M, K), a (K, r), any strides; D = x, or with dropout_p > 0 x times the mask
+    of `seed`, whose index for x[m, k] is m * mask_strides[0] + k * mask_strides[1]. Used for xa in the
+    forward and, on transposed views, for dA = D.T @ g in the backward."""
+    M, K = x.shape
+    R = a.shape[1]
+    block = 32 if _interpreting() else 64
+    grid = (triton.cdiv(M, block), triton.cdiv(R, block_r))
+    _shrink_kernel[grid](
+        x, a, out, M, K, R, seed, float(dropout_p),
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1), *mask_strides,
+        DROPOUT=dropout_p > 0, PRECISION=_dot_precision(a.dtype), BLOCK_M=block, BLOCK_K=block, BLOCK_R=block_r,
+    )
+    return out
+
+
+def dropped_t_matmul(x: torch.Tensor, g: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """D.T @ g, (K, r), for x (M, K), g (M, r): the shrink kernel on x.T, the mask read at x's coordinates
+    (index m * K + k), in g's dtype: the backward's dA / s."""
+    M, K = x.shape
+    out = torch.empty((K, g.shape[1]), device=x.device, dtype=g.dtype)
+    if out.numel() == 0 or M == 0:
+        return out.zero_()
+    block_r = min(64, max(16, triton.next_power_of_2(g.shape[1])))
+    return shrink(x.T, g, out, block_r, dropout_p, seed, mask_strides=(1, K))
 
 
 def launch_tiles(kernel, tuned, M, N, args, flags) -> None:

@@ -3,12 +3,16 @@
 Nothing here imports torch: these are the outside witnesses the kernels are
 checked against. Shapes follow DESIGN.md: x (M, K), W (K, N), A (K, r), B (r, N).
 
-    y   = x @ W + s * (x @ A) @ B + bias
+    y   = x @ W + s * (D @ A) @ B + bias
     g   = dY @ B.T                      (M, r)
-    dX  = dY @ W.T + s * g @ A.T        (M, K)
-    dA  = s * x.T @ g                   (K, r)
-    dB  = s * (x @ A).T @ dY            (r, N)
+    dX  = dY @ W.T + keep * (s * g @ A.T)   (M, K)
+    dA  = s * D.T @ g                   (K, r)
+    dB  = s * (D @ A).T @ dY            (r, N)
     dbias = dY summed over rows         (N,)
+
+with LoRA dropout's D = keep * x, keep (M, K) the mask divided by (1 - p): the
+kernels' mask is recovered from an identity-adapter call (see the tests); without
+dropout keep is 1 and D = x.
 """
 import numpy as np
 
@@ -17,20 +21,23 @@ def _f64(*arrays):
     return [None if a is None else np.asarray(a, dtype=np.float64) for a in arrays]
 
 
-def lora_forward(x, W, A, B, scale, bias=None):
-    """y (M, N) in float64."""
-    x, W, A, B, bias = _f64(x, W, A, B, bias)
-    y = x @ W + scale * ((x @ A) @ B)
+def lora_forward(x, W, A, B, scale, bias=None, keep=None):
+    """y (M, N) in float64; keep (M, K): LoRA dropout's mask / (1 - p), or None for no dropout."""
+    x, W, A, B, bias, keep = _f64(x, W, A, B, bias, keep)
+    d = x if keep is None else keep * x
+    y = x @ W + scale * ((d @ A) @ B)
     return y if bias is None else y + bias
 
 
-def lora_backward(x, W, A, B, scale, dY):
-    """Gradients (dX, dA, dB, dbias) in float64 for the upstream gradient dY (M, N)."""
-    x, W, A, B, dY = _f64(x, W, A, B, dY)
+def lora_backward(x, W, A, B, scale, dY, keep=None):
+    """Gradients (dX, dA, dB, dbias) in float64 for the upstream gradient dY (M, N); keep as in lora_forward."""
+    x, W, A, B, dY, keep = _f64(x, W, A, B, dY, keep)
+    d = x if keep is None else keep * x
     g = dY @ B.T
-    dX = dY @ W.T + scale * (g @ A.T)
-    dA = scale * (x.T @ g)
-    dB = scale * ((x @ A).T @ dY)
+    dX_low_rank = scale * (g @ A.T)
+    dX = dY @ W.T + (dX_low_rank if keep is None else keep * dX_low_rank)
+    dA = scale * (d.T @ g)
+    dB = scale * ((d @ A).T @ dY)
     return dX, dA, dB, dY.sum(axis=0)
 
 

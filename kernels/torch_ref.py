@@ -7,14 +7,49 @@ from typing import Optional
 
 import torch
 
+# Where LoRA dropout's mask applies, for both paths: the forward's input x (the low-rank path sees
+# D = keep * x / (1 - p)), or the backward's dX, whose low-rank term is masked at x's coordinates.
+NO_DROPOUT, DROPOUT_INPUT, DROPOUT_OUTPUT = 0, 1, 2
+
+
+def keep_scale(seed: int, shape, p: float, device, dtype) -> torch.Tensor:
+    """keep / (1 - p), `shape` (M, K): the torch path's dropout mask, drawn from a private generator seeded
+    with `seed`, so the backward regenerates the forward's mask instead of storing it."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    keep = torch.rand(shape, generator=generator, device=device) >= p
+    return keep.to(dtype) / (1 - p)
+
 
 def lora_fwd_torch(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   scale: float, bias: Optional[torch.Tensor] = None):
-    """x (M, K), w (K, N), a (K, r), b (r, N), any strides -> (y (M, N), xa (M, r))."""
-    xa = x @ a
+                   scale: float, bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, seed: int = 0,
+                   dropout: int = DROPOUT_INPUT):
+    """x (M, K), w (K, N), a (K, r), b (r, N), any strides -> (y (M, N) in x's dtype, xa (M, r) in a's).
+
+    x, w, bias share a dtype; a, b have it too or are fp32 (the low-rank term is then added in fp32, to
+    the base product rounded once, before the rounding to x's dtype, as PEFT adds fp32 adapters). With
+    dropout_p > 0 the mask of `seed` applies where `dropout` says (see DROPOUT_INPUT, DROPOUT_OUTPUT).
+    """
+    masked = dropout_p > 0
+    d = x.to(a.dtype)
+    if masked and dropout == DROPOUT_INPUT:
+        d = d * keep_scale(seed, x.shape, dropout_p, x.device, a.dtype)
+    xa = d @ a
     y = x @ w if bias is None else torch.addmm(bias, x, w)
-    y.addmm_(xa, b, alpha=scale)
-    return y, xa
+    if masked and dropout == DROPOUT_OUTPUT:
+        low_rank = (xa @ b) * keep_scale(seed, y.shape, dropout_p, x.device, a.dtype)
+        return (y.to(a.dtype) + scale * low_rank).to(x.dtype), xa
+    if a.dtype != x.dtype:
+        return y.to(a.dtype).addmm_(xa, b, alpha=scale).to(x.dtype), xa
+    return y.addmm_(xa, b, alpha=scale), xa
+
+
+def dropped_t_matmul_torch(x: torch.Tensor, g: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """D.T @ g, (K, r), for x (M, K) and g (M, r): D = x times the mask of `seed` (x alone for p = 0),
+    in g's dtype: the backward's dA / s."""
+    d = x.to(g.dtype)
+    if dropout_p > 0:
+        d = d * keep_scale(seed, x.shape, dropout_p, x.device, g.dtype)
+    return d.T @ g
 
 
 def lora_batched_fwd_torch(x: torch.Tensor, w: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,

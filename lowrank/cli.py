@@ -81,7 +81,7 @@ TRAINING = (
     Option("--scheduler", "lr_scheduler_type", str, f"one of {', '.join(SCHEDULES)} (default linear)"),
     Option("--warmup-steps", "warmup_steps", int, "linear warm-up steps (default 0)"),
     Option("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (default 1)"),
-    Option("--mixed-precision", "mixed_precision", str, f"{' or '.join(k for k in MIXED_PRECISION if k)} autocast (GPU)"),
+    Option("--mixed-precision", "mixed_precision", str, f"{' or '.join(k for k in MIXED_PRECISION if k)} autocast (fp16 on GPU only)"),
     Option("--seed", "seed", int, "seed of the adapter init, shuffling and dropout (default 0)"),
     Option("--save-steps", "save_steps", int, "checkpoint every N steps"),
     Option("--eval-steps", "eval_steps", int, "evaluate every N steps (with --eval-data)"),

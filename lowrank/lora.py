@@ -8,6 +8,7 @@ The base may be an nn.Linear (weight (out, in)) or GPT-2's Conv1D (weight (in, o
 views, so neither layout is copied.
 """
 import copy
+import functools
 import math
 from collections import defaultdict
 
@@ -121,27 +122,49 @@ class LoraLayer(nn.Module):
         names = [a for a in self.active_adapters if a in self.lora_A]
         if not names:
             return self.base_layer(x)
-        y = self.adapter_forward(x, names[0])
-        for name in names[1:]:
-            y = self._add_low_rank(y, x, name)
+        return self.adapter_forward(x, names)
+
+    def adapter_forward(self, x: torch.Tensor, names) -> torch.Tensor:
+        """base(x) + sum_i s_i * lora_B_i(lora_A_i(dropout_i(x))) as one kernels.lora_matmul call: LoRA dropout
+        runs inside it (training), fp32 adapters on a 16-bit x stay fp32, and several adapters are one
+        product of rank sum(r_i): A = [A_1 | A_2 ...], B = [s_1 B_1; s_2 B_2 ...].
+
+        Active adapters whose dropout probabilities differ (training only) cannot share one mask: the
+        first probability's adapters are fused, the others are added unfused, as PEFT runs them all.
+        """
+        p = {n: self.dropout_p(n) for n in names}
+        fused = [n for n in names if p[n] == p[names[0]]]
+        A, B, scale = self.low_rank_factors(fused, x.dtype)
+        y = kernels.lora_matmul(x, self.weight_kn(), A, B, scale, self.base_layer.bias, dropout_p=p[names[0]])
+        for name in names:
+            if name not in fused:
+                y = self._add_low_rank(y, x, name)
         return y
 
-    def adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """base(x) + s * lora_B(lora_A(dropout(x))) for one adapter, in one fused kernel call.
+    def dropout_p(self, name: str) -> float:
+        """The adapter's LoRA dropout probability while training, else 0."""
+        dropout = self.lora_dropout[name]
+        return dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
 
-        Two cases run the base and the low-rank path apart: live dropout (the low-rank path sees a
-        different x than the base) and a LoRA dtype that differs from x's or the base's (PEFT casts x to
-        the LoRA dtype for the low-rank path, then the sum back to the base output's dtype; e.g. fp32
-        adapters on a bf16 model).
-        """
-        if not self.fusable(x, [name]):
-            return self._add_low_rank(self.base_layer(x), x, name)
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        return kernels.lora_matmul(x, self.weight_kn(), A.T, B.T, self.scaling[name], self.base_layer.bias)
+    def low_rank_factors(self, names, x_dtype: torch.dtype) -> tuple:
+        """(A (in, r), B (r, out), scale) for kernels.lora_matmul: one adapter's views of lora_A.weight.T and
+        lora_B.weight.T with its scaling, or several concatenated along the rank with the scalings folded
+        into B and scale 1. The factors keep their dtype when lora_matmul takes it (x's, or fp32 with a
+        16-bit x) and are otherwise promoted with x's (exactly: e.g. fp16 adapters on an fp32 model)."""
+        factors = [(self.lora_A[n].weight.T, self.lora_B[n].weight.T) for n in names]
+        dtype = functools.reduce(torch.promote_types, [a.dtype for a, _ in factors], x_dtype)
+        if dtype not in (x_dtype, torch.float32):
+            dtype = x_dtype
+        factors = [(a.to(dtype), b.to(dtype)) for a, b in factors]
+        if len(factors) == 1:
+            return (*factors[0], self.scaling[names[0]])
+        A = torch.cat([a for a, _ in factors], dim=1)
+        B = torch.cat([b * self.scaling[n] for n, (_, b) in zip(names, factors)], dim=0)
+        return A, B, 1.0
 
-    def fusable(self, x: torch.Tensor, names) -> bool:
-        """Whether these adapters can run in one kernel with the base: no live dropout and one dtype."""
-        if self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) for n in names):
+    def batchable(self, x: torch.Tensor, names) -> bool:
+        """Whether kernels.lora_matmul_batched can run these adapters: no live dropout, x's dtype throughout."""
+        if any(self.dropout_p(n) > 0 for n in names):
             return False
         return all(x.dtype == self.lora_A[n].weight.dtype == self.base_layer.weight.dtype for n in names)
 
@@ -180,6 +203,7 @@ class LoraLayer(nn.Module):
         return self._row_index[1]
 
     def _add_low_rank(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """y + s * lora_B(lora_A(dropout(x))) in the adapter's dtype, then y's (PEFT's unfused way)."""
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         low_rank = lora_B(lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype))))
         return (y + low_rank * self.scaling[name]).to(y.dtype)
@@ -240,16 +264,16 @@ def mixed_batch_forward(layer: LoraLayer, x: torch.Tensor, adapter_names) -> tor
 
     adapter_names: B names, BASE (or a name this layer lacks) for the base alone. One
     kernels.lora_matmul_batched call for the whole batch; live dropout or a LoRA dtype other than x's
-    falls back to the base plus one low-rank pass per adapter on its gathered rows, as PEFT runs it.
+    falls back to one kernels.lora_matmul call per adapter on its gathered rows.
     """
     if len(adapter_names) != x.shape[0]:
         raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]} rows")
     names = [n for n in dict.fromkeys(adapter_names) if n in layer.lora_A]
     if not names:
         return layer.base_layer(x)
-    if not layer.fusable(x, names):
+    if not layer.batchable(x, names):
         return group_rows(x, adapter_names, layer.lora_A,
-                          lambda name, rows: layer.base_layer(rows) if name == BASE else layer.adapter_forward(rows, name))
+                          lambda name, rows: layer.base_layer(rows) if name == BASE else layer.adapter_forward(rows, [name]))
     A, B, scales = layer.adapter_stacks(names)
     index = layer.row_index(adapter_names, names, x.device).view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
     return kernels.lora_matmul_batched(x, layer.weight_kn(), A, B, scales, index, layer.base_layer.bias)

@@ -1,5 +1,5 @@
 """The training loop: AdamW on the trainable parameters, warm-up then linear or cosine decay, gradient
-accumulation and clipping, bf16/fp16 autocast on GPU, eval loss and perplexity, checkpoints, exact resume,
+accumulation and clipping, bf16 autocast (fp16 with loss scaling on GPU), eval loss and perplexity, checkpoints, exact resume,
 and DistributedDataParallel under torchrun.
 
 The micro-batch stream is one sequence over epochs: optimizer step t consumes micro-batches
@@ -131,8 +131,8 @@ class Trainer:
             raise ValueError(f"output_dir={config.output_dir!r}, but {type(model).__name__} has no save_pretrained")
         self.config = config
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if config.mixed_precision and device.type != "cuda":
-            raise ValueError(f"mixed_precision={config.mixed_precision!r} needs a CUDA device, not {device}")
+        if config.mixed_precision == "fp16" and device.type != "cuda":
+            raise ValueError(f"mixed_precision='fp16' needs a CUDA device, not {device} (bf16 runs on the CPU too)")
         self.process = distributed.init_from_env(device.type)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", self.process.local_rank)
@@ -215,7 +215,7 @@ class Trainer:
 
     def _autocast(self):
         dtype = MIXED_PRECISION[self.config.mixed_precision]
-        return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def _optimizer_step(self, batches: list) -> tuple:
         """One AdamW step on k micro-batches -> (mean loss over all label tokens, input tokens per process

@@ -127,8 +127,12 @@ def test_custom_op_registration_passes_opcheck():
     gen = torch.Generator().manual_seed(0)
     args = (torch.randn(7, 12, generator=gen, requires_grad=True), torch.randn(12, 9, generator=gen),
             torch.randn(12, 3, generator=gen, requires_grad=True), torch.randn(3, 9, generator=gen, requires_grad=True),
-            0.5, torch.randn(9, generator=gen, requires_grad=True))
+            0.5, torch.randn(9, generator=gen, requires_grad=True), 0.0, 0)
     torch.library.opcheck(lora_matmul_op, args)
+    torch.library.opcheck(lora_matmul_op, args[:6] + (0.25, 1234))  # LoRA dropout
+    mixed = (args[0].detach().bfloat16().requires_grad_(), args[1].bfloat16(), *args[2:4], 0.5,
+             args[5].detach().bfloat16().requires_grad_(), 0.25, 7)  # fp32 adapters on bf16
+    torch.library.opcheck(lora_matmul_op, mixed)
 
 
 @pytest.mark.parametrize("backend_name", ["triton", "torch"])
@@ -158,7 +162,10 @@ def _operands(K=8, N=6, r=2, dtype=torch.float32):
         (lambda x, W, A, B: (x, W, A, B[:, :4]), "B has shape"),
         (lambda x, W, A, B: (x, W, A, B[:1]), "B has shape"),
         (lambda x, W, A, B: (x, W, A[:, :0], B[:0]), "rank must be at least 1"),
-        (lambda x, W, A, B: (x.long(), W, A, B), "floating dtype"),
+        (lambda x, W, A, B: (x.long(), W, A, B), "x must be a floating-point tensor, got torch.int64"),
+        (lambda x, W, A, B: (x.tolist(), W, A, B), "x must be a floating-point tensor, got list"),
+        (lambda x, W, A, B: (x, W, A.double(), B.double()), "A and B have dtypes torch.float64"),
+        (lambda x, W, A, B: (x, W, A.half(), B), "A and B have dtypes torch.float16 and torch.float32"),
         (lambda x, W, A, B: (x, W.half(), A, B), "cast them to one dtype"),
         (lambda x, W, A, B: (x, W.to("meta"), A, B), "is on meta"),
         (lambda x, W, A, B: (x, W[0], A, B), "expected x"),

@@ -2,6 +2,7 @@
 micro-batches equal one big batch, and a resumed run ends bit for bit where an uninterrupted one does."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -153,9 +154,44 @@ def test_bad_training_config_names_the_field(bad, message):
         TrainingConfig(**bad)
 
 
-def test_mixed_precision_on_cpu_is_refused_before_anything_runs():
-    with pytest.raises(ValueError, match="needs a CUDA device"):
-        Trainer(peft_gpt2(), config(mixed_precision="bf16"), examples(2))
+def test_fp16_mixed_precision_on_cpu_is_refused_before_anything_runs():
+    with pytest.raises(ValueError, match="mixed_precision='fp16' needs a CUDA device"):
+        Trainer(peft_gpt2(), config(mixed_precision="fp16"), examples(2))
+
+
+def test_bf16_autocast_gives_the_fp32_loss_and_adapter_gradients():
+    """One batch through LoRA (dropout on, the same seed) in fp32 and under CPU bf16 autocast: the loss and
+    the fp32 adapters' gradients agree to bf16's precision (relative to the largest gradient)."""
+    model = peft_gpt2(dropout=0.1, model_dropout=0.0).train()
+    with torch.no_grad():  # B = 0 at init would leave A's gradient zero
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.2, generator=torch.Generator().manual_seed(p.numel()))
+    batch = Trainer(model, config(max_steps=1), examples(4))._batch(examples(4))
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(**batch).loss
+        loss.backward()
+        grads[precision] = (loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    (loss32, grads32), (loss16, grads16) = grads["fp32"], grads["bf16"]
+    assert loss16 == pytest.approx(loss32, rel=1e-2)
+    for name, g in grads16.items():
+        assert g.dtype == torch.float32 and g.abs().max() > 0
+        assert_close_rel(g, grads32[name], rtol=3e-2, scale=grads32[name].abs().max().item())
+
+
+def test_bf16_autocast_training_on_cpu_tracks_the_fp32_losses():
+    losses = {}
+    for precision in (None, "bf16"):
+        trainer = Trainer(peft_gpt2(dropout=0.1, model_dropout=0.0),
+                          config(max_steps=6, mixed_precision=precision, learning_rate=1e-2), examples(8))
+        trainer.train()
+        losses[precision] = [h["loss"] for h in trainer.history]
+    assert losses["bf16"][-1] < losses["bf16"][0]
+    np.testing.assert_allclose(losses["bf16"], losses[None], rtol=2e-2)
 
 
 def test_schedules_warm_up_then_decay_to_zero():
