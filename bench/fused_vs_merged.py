@@ -7,7 +7,9 @@ much faster than computing LoRA as PEFT does, with separate ops?
 
 each for the forward alone and for forward+backward (gradients to x, A, B; the
 merged weight gets only dX). Operands are laid out as in a model: W, A and B
-are `nn.Linear`-style weights seen through `.T`, so nothing is copied.
+are `nn.Linear`-style weights seen through `.T`, so nothing is copied. Beside
+the plain product, two training configurations at one prefill and one decode
+shape: LoRA dropout 0.1 (forward+backward) and fp32 adapters on 16-bit x and W.
 
 On a CUDA machine: bf16, K=N in {768, 4096} and K=4096,N=11008, r in {8, 16, 64},
 prefill M in {512, 2048, 8192}, decode M in {1, 8, 32}, timed with
@@ -34,6 +36,11 @@ from bench.common import interleaved, keep_freed_memory, pyplot, run_info, time_
 SCALE = 2.0
 
 
+# The configurations people train with, beside the plain product: LoRA dropout 0.1 (fused: the mask made
+# in the kernel; unfused: F.dropout on x, PEFT's way) and fp32 adapters on 16-bit x and W (PEFT's default).
+VARIANTS = ("plain", "dropout0.1", "fp32-adapters")
+
+
 @dataclass(frozen=True)
 class Case:
     phase: str
@@ -41,9 +48,17 @@ class Case:
     K: int
     N: int
     r: int
+    variant: str = "plain"
 
     def flops(self) -> int:
         return 2 * self.M * self.N * self.K + 2 * self.M * self.r * (self.K + self.N)
+
+
+def with_variants(cases, at):
+    """cases, plus the non-plain variants of those whose (phase, M, K, N, r) is in `at`."""
+    extra = [Case(c.phase, c.M, c.K, c.N, c.r, v) for c in cases if (c.phase, c.M, c.K, c.N, c.r) in at
+             for v in VARIANTS[1:]]
+    return cases + extra
 
 
 def gpu_cases(quick: bool):
@@ -51,56 +66,65 @@ def gpu_cases(quick: bool):
     ranks = [16] if quick else [8, 16, 64]
     rows = [("prefill", m) for m in ([8192] if quick else [512, 2048, 8192])]
     rows += [("decode", m) for m in ([1, 8] if quick else [1, 8, 32])]
-    return [Case(phase, M, K, N, r) for K, N in shapes for r in ranks for phase, M in rows]
+    cases = [Case(phase, M, K, N, r) for K, N in shapes for r in ranks for phase, M in rows]
+    return with_variants(cases, {("prefill", 8192, 4096, 4096, 16), ("decode", 8, 4096, 4096, 16)})
 
 
 def cpu_cases(quick: bool):
     ranks = [16] if quick else [8, 16]
     rows = [("prefill", 256)] if quick else [("prefill", 128), ("prefill", 512)]
     rows += [("decode", 1)] if quick else [("decode", 1), ("decode", 8)]
-    return [Case(phase, M, 768, 768, r) for r in ranks for phase, M in rows]
+    cases = [Case(phase, M, 768, 768, r) for r in ranks for phase, M in rows]
+    return with_variants(cases, {("prefill", 256 if quick else 512, 768, 768, 16), ("decode", 1 if quick else 8, 768, 768, 16)})
 
 
 def operands(case: Case, dtype, device):
+    """x, W (a Linear weight seen as (K, N)), A, B (PEFT's factors seen as (K, r), (r, N)), the merged
+    weight, dy; the fp32-adapters variant keeps A and B in fp32 beside 16-bit x and W."""
     g = torch.Generator(device="cpu").manual_seed(0)
+    lora_dtype = torch.float32 if case.variant == "fp32-adapters" else dtype
 
-    def randn(*shape, std=1.0):
+    def randn(*shape, std=1.0, dtype=dtype):
         return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
 
     x = randn(case.M, case.K)
     W = randn(case.N, case.K, std=case.K ** -0.5).T  # nn.Linear weight (out, in), seen as (K, N)
-    A = randn(case.r, case.K, std=case.K ** -0.5).T  # lora_A.weight (r, in)
-    B = randn(case.N, case.r, std=case.r ** -0.5).T  # lora_B.weight (out, r)
+    A = randn(case.r, case.K, std=case.K ** -0.5, dtype=lora_dtype).T  # lora_A.weight (r, in)
+    B = randn(case.N, case.r, std=case.r ** -0.5, dtype=lora_dtype).T  # lora_B.weight (out, r)
     merged = (W.float() + SCALE * A.float() @ B.float()).to(dtype).T.contiguous().T
     dy = randn(case.M, case.N)
     return x, W, A, B, merged, dy
 
 
-def methods(x, W, A, B, merged, dy):
-    """name -> (forward-only fn, forward+backward fn)."""
+def methods(x, W, A, B, merged, dy, dropout_p=0.0):
+    """name -> (forward-only fn, forward+backward fn). unfused is PEFT's way: the low-rank path in the
+    adapters' dtype on dropout(x), added to the base output and cast back."""
     xg, Ag, Bg = (t.detach().clone().requires_grad_() for t in (x, A, B))
 
     def grads(y, inputs):
         return torch.autograd.grad(y, inputs, dy)
 
-    def fused():
-        return kernels.lora_matmul(x, W, A, B, SCALE)
+    def fused(x, A, B):
+        return kernels.lora_matmul(x, W, A, B, SCALE, dropout_p=dropout_p)
 
-    def unfused():
-        return x @ W + SCALE * ((x @ A) @ B)
+    def unfused(x, A, B):
+        low_rank = (torch.nn.functional.dropout(x.to(A.dtype), dropout_p) @ A) @ B
+        return (x @ W + SCALE * low_rank).to(x.dtype)
 
     return {
-        "fused": (fused, lambda: grads(kernels.lora_matmul(xg, W, Ag, Bg, SCALE), (xg, Ag, Bg))),
+        "fused": (lambda: fused(x, A, B), lambda: grads(fused(xg, Ag, Bg), (xg, Ag, Bg))),
         "merged": (lambda: x @ merged, lambda: grads(xg @ merged, (xg,))),
-        "unfused": (unfused, lambda: grads(xg @ W + SCALE * ((xg @ Ag) @ Bg), (xg, Ag, Bg))),
+        "unfused": (lambda: unfused(x, A, B), lambda: grads(unfused(xg, Ag, Bg), (xg, Ag, Bg))),
     }
 
 
 def measure(cases, dtype, device, timer):
     rows = []
     for case in cases:
-        fns = methods(*operands(case, dtype, device))
-        for pass_name, index in (("fwd", 0), ("fwd+bwd", 1)):
+        dropout_p = 0.1 if case.variant == "dropout0.1" else 0.0
+        fns = methods(*operands(case, dtype, device), dropout_p=dropout_p)
+        # Dropout is live in training only: its rows time forward+backward.
+        for pass_name, index in (("fwd", 0), ("fwd+bwd", 1))[1 if dropout_p else 0:]:
             row = dict(asdict(case), dtype=str(dtype).replace("torch.", ""), pass_=pass_name)
             with torch.set_grad_enabled(index == 1):
                 times = timer({name: pair[index] for name, pair in fns.items()})
@@ -113,12 +137,12 @@ def measure(cases, dtype, device, timer):
     return rows
 
 
-HEADER = (f"{'phase':<8}{'M':>6}{'K':>6}{'N':>7}{'r':>4} {'pass':<8}{'fused ms':>10}{'merged ms':>10}"
+HEADER = (f"{'phase':<8}{'M':>6}{'K':>6}{'N':>7}{'r':>4} {'variant':<14}{'pass':<8}{'fused ms':>10}{'merged ms':>10}"
           f"{'unfused ms':>11}{'f/merged':>9}{'f/unfused':>10}{'TFLOP/s':>9}")
 
 
 def format_row(row) -> str:
-    return (f"{row['phase']:<8}{row['M']:>6}{row['K']:>6}{row['N']:>7}{row['r']:>4} {row['pass_']:<8}"
+    return (f"{row['phase']:<8}{row['M']:>6}{row['K']:>6}{row['N']:>7}{row['r']:>4} {row['variant']:<14}{row['pass_']:<8}"
             f"{row['fused_ms'][0]:>10.4f}{row['merged_ms'][0]:>10.4f}{row['unfused_ms'][0]:>11.4f}"
             f"{row['fused_over_merged']:>9.3f}{row['fused_over_unfused']:>10.3f}{row['fused_tflops']:>9.2f}")
 
@@ -126,7 +150,8 @@ def format_row(row) -> str:
 def headline(rows, on_gpu: bool) -> str:
     def pick(pass_name, phase, M, K=4096, N=4096, r=16):
         for row in rows:
-            if (row["pass_"], row["phase"], row["M"], row["K"], row["N"], row["r"]) == (pass_name, phase, M, K, N, r):
+            if (row["pass_"], row["phase"], row["M"], row["K"], row["N"], row["r"], row["variant"]) == (
+                    pass_name, phase, M, K, N, r, "plain"):
                 return row
         return None
 
@@ -137,7 +162,7 @@ def headline(rows, on_gpu: bool) -> str:
                     f"fused/unfused {fwd['fused_over_unfused']:.3f}x; fwd+bwd fused/unfused "
                     f"{bwd['fused_over_unfused']:.3f}x; decode M=8 fused/merged {dec['fused_over_merged']:.3f}x")
     # Over all prefill forward rows, so that one row's bad luck cannot carry the headline.
-    sel = [r for r in rows if r["pass_"] == "fwd" and r["phase"] == "prefill"]
+    sel = [r for r in rows if r["pass_"] == "fwd" and r["phase"] == "prefill" and r["variant"] == "plain"]
 
     def values(key):
         return "/".join(str(v) for v in sorted({r[key] for r in sel}))
@@ -158,7 +183,8 @@ def plot(rows, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
     for ax, pass_name in zip(axes, ("fwd", "fwd+bwd")):
         sel = [r for r in rows if r["pass_"] == pass_name]
-        labels = [f"{r['phase'][0]}{r['M']} {r['K']}x{r['N']} r{r['r']}" for r in sel]
+        labels = [f"{r['phase'][0]}{r['M']} {r['K']}x{r['N']} r{r['r']}" + ("" if r["variant"] == "plain" else
+                  f" {r['variant']}") for r in sel]
         xs = range(len(sel))
         ax.plot(xs, [r["fused_over_merged"] for r in sel], "o-", label="fused / merged")
         ax.plot(xs, [r["fused_over_unfused"] for r in sel], "s-", label="fused / unfused")

@@ -16,9 +16,24 @@ from .torch_ref import lora_batched_fwd_torch, lora_fwd_torch
 __all__ = ["lora_matmul", "lora_matmul_batched", "use_triton"]
 
 
+def _well_formed(x, w, a, b, bias) -> bool:
+    """Everything _check demands, as one expression: decode calls this for every layer and token, and
+    only operands that fail it pay for _check's messages."""
+    try:
+        dtype, xs, ws, As, bs = x.dtype, x.shape, w.shape, a.shape, b.shape
+        return (x.is_floating_point() and w.dtype == dtype and a.dtype == b.dtype
+                and (a.dtype == dtype or (a.dtype == torch.float32 and x.element_size() == 2))
+                and ((x.is_cpu and w.is_cpu and a.is_cpu and b.is_cpu and (bias is None or bias.is_cpu))
+                     or w.device == a.device == b.device == x.device == (x.device if bias is None else bias.device))
+                and len(xs) >= 1 and len(ws) == 2 and len(As) == 2 and len(bs) == 2
+                and xs[-1] == ws[0] == As[0] and As[1] >= 1 and bs[0] == As[1] and bs[1] == ws[1]
+                and (bias is None or (bias.dtype == dtype and bias.shape == ws[1:])))
+    except AttributeError:  # an operand that is not a tensor
+        return False
+
+
 def _check(x: Tensor, w: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor]) -> None:
-    """ValueError/TypeError naming the operand at fault. The common case costs a few attribute reads:
-    decode calls this for every layer and token."""
+    """ValueError/TypeError naming the operand at fault (for operands that fail _well_formed)."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"lora_matmul: x must be a floating-point tensor, got "
                         f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
@@ -54,14 +69,12 @@ def _check(x: Tensor, w: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor]) -
         raise ValueError(f"lora_matmul: bias has shape {tuple(bias.shape)}, expected ({N},)")
 
 
-def _dropout_seed(dropout_p, seed) -> int:
-    """The seed of LoRA dropout's mask: `seed`, or one drawn from torch's default generator (so that
-    torch.manual_seed reproduces a run); ValueError unless 0 <= dropout_p < 1."""
-    if not 0.0 <= dropout_p < 1.0:
+def _check_dropout(dropout_p) -> float:
+    """dropout_p as a float; ValueError unless 0 <= dropout_p < 1."""
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:
         raise ValueError(f"lora_matmul: dropout_p={dropout_p!r} must be in [0, 1)")
-    if seed is None:
-        return int(torch.randint(0, 2**31 - 1, ()).item())
-    return int(seed)
+    return p
 
 
 def lora_matmul(x: Tensor, W: Tensor, A: Tensor, B: Tensor, scale: float, bias: Optional[Tensor] = None,
@@ -78,26 +91,35 @@ def lora_matmul(x: Tensor, W: Tensor, A: Tensor, B: Tensor, scale: float, bias: 
     gradients come in their dtype.
 
     dropout_p: LoRA dropout (training): the low-rank path sees keep * x / (1 - p),
-    the base path x itself. The mask is a function of the seed and each element's
-    coordinates, regenerated in the backward and never stored; seed=None draws the
-    seed from torch's default generator, so torch.manual_seed reproduces a run.
+    the base path x itself. On the Triton path the mask is a function of the seed
+    and each element's coordinates, regenerated in the backward and never stored;
+    the torch path draws it from a generator seeded with `seed`. seed=None takes
+    the randomness from torch's default generator, so torch.manual_seed reproduces
+    a run (the two paths' masks differ).
     Under torch.autocast, x, W and bias take the autocast dtype; A and B keep theirs.
     """
-    _check(x, W, A, B, bias)
-    p = float(dropout_p)
-    seed = _dropout_seed(p, seed) if p else 0
-    x2 = x.reshape(-1, x.shape[-1])
-    if use_triton(x):
-        y, _ = lora_matmul_op(x2, W, A, B, float(scale), bias, p, seed)
-    elif torch.is_autocast_enabled(x.device.type):
-        x2, W, bias = autocast_operands(x2, W, bias, x.device.type)
+    if isinstance(x, Tensor) and torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
+        # Before the checks: under autocast x, W and bias may arrive in different dtypes.
+        x, W, bias = autocast_operands(x, W, bias, x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            y, _ = lora_fwd_torch(x2, W, A, B, float(scale), bias, p, seed)
+            return _lora_matmul(x, W, A, B, scale, bias, dropout_p, seed)
+    return _lora_matmul(x, W, A, B, scale, bias, dropout_p, seed)
+
+
+def _lora_matmul(x, W, A, B, scale, bias, dropout_p, seed) -> Tensor:
+    if not _well_formed(x, W, A, B, bias):
+        _check(x, W, A, B, bias)
+    p = _check_dropout(dropout_p) if dropout_p else 0.0
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if use_triton(x):
+        if seed is None:  # one draw from torch's default generator, so torch.manual_seed reproduces a run
+            seed = int(torch.randint(0, 2**31 - 1, ()).item()) if p else 0
+        y, _ = lora_matmul_op(x2, W, A, B, float(scale), bias, p, int(seed))
     else:
         # Plain torch ops: autograd and torch.compile see through them, and eager
         # calls skip the custom op's dispatch cost (about 0.1 ms, a decode step's worth).
         y, _ = lora_fwd_torch(x2, W, A, B, float(scale), bias, p, seed)
-    return y.reshape(*x.shape[:-1], W.shape[1])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], W.shape[1])
 
 
 def _check_batched(x, w, a_stack, b_stack, scales, adapter_index, bias) -> None:

@@ -26,10 +26,20 @@ from torch import Tensor
 from .torch_ref import DROPOUT_INPUT, DROPOUT_OUTPUT, dropped_t_matmul_torch, lora_fwd_torch
 
 
+# Triton reads TRITON_INTERPRET when imported, so only a process started with it can run the kernels on
+# CPU tensors; any other skips the per-call environment lookups (a decode step pays them per layer), and
+# LOWRANK_FORCE_TRITON=1 there is refused at the first call as before.
+_INTERPRETER_AT_START = os.environ.get("TRITON_INTERPRET") == "1"
+_FORCED_AT_START = os.environ.get("LOWRANK_FORCE_TRITON") == "1"
+
+
 def use_triton(x: Tensor) -> bool:
-    """CUDA tensors go to Triton; LOWRANK_FORCE_TRITON=1 sends CPU tensors to the interpreter."""
+    """CUDA tensors go to Triton; LOWRANK_FORCE_TRITON=1 sends CPU tensors to the interpreter (which needs
+    TRITON_INTERPRET=1, set before the process imports triton)."""
     if x.is_cuda:
         return True
+    if not (_INTERPRETER_AT_START or _FORCED_AT_START):
+        return False
     if os.environ.get("LOWRANK_FORCE_TRITON") != "1":
         return False
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -123,7 +133,8 @@ def autocast_operands(x: Tensor, w: Tensor, bias: Optional[Tensor], device_type:
     """(x, w, bias) in the autocast dtype of `device_type`, as F.linear takes them under autocast; the
     adapters are not among them: fp32 A and B stay fp32."""
     dtype = torch.get_autocast_dtype(device_type)
-    return x.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
+    cast = lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+    return cast(x), cast(w), cast(bias)
 
 
 def _autocast_rule(device_type: str):

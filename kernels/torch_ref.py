@@ -6,6 +6,7 @@ addmm so the base product and the low-rank update accumulate into one buffer.
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 # Where LoRA dropout's mask applies, for both paths: the forward's input x (the low-rank path sees
 # D = keep * x / (1 - p)), or the backward's dX, whose low-rank term is masked at x's coordinates.
@@ -21,26 +22,30 @@ def keep_scale(seed: int, shape, p: float, device, dtype) -> torch.Tensor:
 
 
 def lora_fwd_torch(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   scale: float, bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, seed: int = 0,
-                   dropout: int = DROPOUT_INPUT):
+                   scale: float, bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                   seed: Optional[int] = 0, dropout: int = DROPOUT_INPUT):
     """x (M, K), w (K, N), a (K, r), b (r, N), any strides -> (y (M, N) in x's dtype, xa (M, r) in a's).
 
     x, w, bias share a dtype; a, b have it too or are fp32 (the low-rank term is then added in fp32, to
     the base product rounded once, before the rounding to x's dtype, as PEFT adds fp32 adapters). With
-    dropout_p > 0 the mask of `seed` applies where `dropout` says (see DROPOUT_INPUT, DROPOUT_OUTPUT).
+    dropout_p > 0 the mask of `seed` applies where `dropout` says (see DROPOUT_INPUT, DROPOUT_OUTPUT);
+    seed None (input dropout only) draws it from torch's default generator instead.
     """
+    if dropout_p == 0 and a.dtype == x.dtype:  # the common case, without the branches below (decode)
+        xa = x @ a
+        y = x @ w if bias is None else torch.addmm(bias, x, w)
+        return y.addmm_(xa, b, alpha=scale), xa
     masked = dropout_p > 0
     d = x.to(a.dtype)
     if masked and dropout == DROPOUT_INPUT:
-        d = d * keep_scale(seed, x.shape, dropout_p, x.device, a.dtype)
+        # seed None: torch's own dropout on its default generator (autograd keeps the mask, as PEFT's does)
+        d = (F.dropout(d, dropout_p) if seed is None else d * keep_scale(seed, x.shape, dropout_p, x.device, a.dtype))
     xa = d @ a
     y = x @ w if bias is None else torch.addmm(bias, x, w)
     if masked and dropout == DROPOUT_OUTPUT:
         low_rank = (xa @ b) * keep_scale(seed, y.shape, dropout_p, x.device, a.dtype)
         return (y.to(a.dtype) + scale * low_rank).to(x.dtype), xa
-    if a.dtype != x.dtype:
-        return y.to(a.dtype).addmm_(xa, b, alpha=scale).to(x.dtype), xa
-    return y.addmm_(xa, b, alpha=scale), xa
+    return y.to(a.dtype).addmm_(xa, b, alpha=scale).to(x.dtype), xa
 
 
 def dropped_t_matmul_torch(x: torch.Tensor, g: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:

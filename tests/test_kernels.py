@@ -168,12 +168,26 @@ def _operands(K=8, N=6, r=2, dtype=torch.float32):
         (lambda x, W, A, B: (x, W, A.half(), B), "A and B have dtypes torch.float16 and torch.float32"),
         (lambda x, W, A, B: (x, W.half(), A, B), "cast them to one dtype"),
         (lambda x, W, A, B: (x, W.to("meta"), A, B), "is on meta"),
+        (lambda x, W, A, B: (x, W, A.to("meta"), B), "A is on meta"),
+        (lambda x, W, A, B: (x[0, 0], W, A, B), "expected x"),
         (lambda x, W, A, B: (x, W[0], A, B), "expected x"),
     ],
 )
 def test_bad_operands_raise_before_launch(mutate, message):
+    operands = mutate(*_operands())
+    assert not kernels._well_formed(*operands, None)  # the fast path lets nothing through that _check refuses
     with pytest.raises((ValueError, TypeError), match=message):
-        kernels.lora_matmul(*mutate(*_operands()), 1.0)
+        kernels.lora_matmul(*operands, 1.0)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda x, W, A, B: (x, W, A, B),
+    lambda x, W, A, B: (x[None], W.T.contiguous().T, A, B),
+    lambda x, W, A, B: (x.bfloat16(), W.bfloat16(), A, B),  # fp32 adapters on bf16
+    lambda x, W, A, B: (x.half(), W.half(), A.half(), B.half()),
+])
+def test_good_operands_take_the_fast_path(mutate):
+    assert kernels._well_formed(*mutate(*_operands()), None)
 
 
 def test_bad_bias_shape_raises():

@@ -112,3 +112,36 @@ def test_trainable_parameter_counts_match_peft(case):
     theirs = peft.get_peft_model(hf.from_pretrained(tmp / "base"), peft.LoraConfig(**kwargs))
     ours = lowrank.get_peft_model(models.from_pretrained(tmp / "base"), lowrank.LoraConfig(**kwargs))
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("name", [c for c in CASES if c.startswith("gpt2")])
+def test_loss_and_adapter_gradients_under_cpu_bf16_autocast_are_as_close_to_fp32_as_peft(name, tmp_path):
+    """One backward of the same adapter under torch.autocast("cpu", bfloat16): our fused call (x and W in
+    bf16, fp32 adapters) against peft's unfused bf16/fp32 mix. peft in fp32 is the reference; our bf16
+    error must be within twice peft's bf16 error plus bf16's tolerance (the flash-attention rule).
+    T5 is left out: transformers' own T5 forward fails under CPU bf16 autocast (a view error in 5.24)."""
+    kind, kwargs = CASES[name]
+    hf_model(kind).save_pretrained(tmp_path / "base")
+    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval(),
+                                 peft.LoraConfig(**kwargs, task_type=TASK[kind], init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = lowrank.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "adapter",
+                                             is_trainable=True).eval()
+    batch = dict(inputs(kind), labels=inputs(kind)["input_ids"])
+
+    def loss_and_grads(model, bf16):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+    (ref_loss, ref), (peft_loss, peft_bf16), (our_loss, ours_bf16) = (
+        loss_and_grads(theirs, False), loss_and_grads(theirs, True), loss_and_grads(ours, True))
+    assert abs(our_loss - ref_loss) <= 2 * abs(peft_loss - ref_loss) + 1e-2 * abs(ref_loss)
+    assert ours_bf16.keys() == ref.keys() and ref
+    for n, g in ours_bf16.items():
+        assert g.dtype == torch.float32
+        scale = ref[n].abs().max().item()
+        err, peft_err = (g - ref[n]).abs().max().item(), (peft_bf16[n] - ref[n]).abs().max().item()
+        assert err <= 2 * peft_err + 1e-2 * scale, f"{n}: {err:.2e} vs peft's {peft_err:.2e} (max |g| {scale:.2e})"
