@@ -182,3 +182,18 @@ def test_a_dropout_probability_outside_0_1_is_refused(p):
     x, eye = torch.randn(2, 3), torch.eye(3)
     with pytest.raises(ValueError, match=rf"dropout_p={p} must be in \[0, 1\)"):
         kernels.lora_matmul(x, eye, eye, eye, 1.0, dropout_p=p)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_the_custom_ops_autocast_rule_casts_x_w_and_bias_only(backend_name):
+    """Called directly (as torch.compile's graph calls it), the op itself follows the same rule."""
+    from lowrank.kernels.autograd import lora_matmul_op
+
+    gen = torch.Generator().manual_seed(9)
+    x, W, A, B, bias = (torch.randn(*s, generator=gen) for s in ((5, 16), (16, 12), (16, 3), (3, 12), (12,)))
+    with backend(backend_name), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, xa = lora_matmul_op(x, W, A, B, 0.5, bias, 0.0, 0)
+    assert y.dtype == torch.bfloat16 and xa.dtype == torch.float32
+    x16, W16, b16 = (to64(t.bfloat16()) for t in (x, W, bias))
+    np.testing.assert_allclose(to64(xa), x16 @ to64(A), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to64(y), reference.lora_forward(x16, W16, to64(A), to64(B), 0.5, b16), rtol=1e-2, atol=2e-2)
