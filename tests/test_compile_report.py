@@ -1,0 +1,77 @@
+"""kernels/compile_report.py, the GPU binaries built without a GPU: the launches come from the real launchers
+(every kernel, call site and dtype), each compiles for sm_80 and sm_90 through triton's own path, and a
+binary's line carries registers, spills, shared memory, residency and the tensor-core instruction.
+
+It runs in a subprocess: the report needs triton's compiler, and these tests' process imported triton in
+interpreter mode."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from lowrank.kernels.compile_report import DEVICES, Binary, _ctas_per_sm, _ptxas_usage
+
+
+def run_python(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LOWRANK_FORCE_TRITON")}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_launches_are_recorded_from_every_launcher_site_and_dtype():
+    result = run_python(
+        "import json\n"
+        "from lowrank.kernels.compile_report import record_launches\n"
+        "ls = record_launches()\n"
+        "print(json.dumps(sorted({(l.site, l.dtype, l.kernel.__name__, len(l.configs)) for l in ls})))\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = {tuple(row) for row in json.loads(result.stdout)}
+    kernels = {k for _, _, k, _ in seen}
+    assert kernels == {"_lora_fwd_kernel", "_shrink_kernel", "_batched_fwd_kernel", "_batched_shrink_kernel"}
+    sites = {s for s, _, _, _ in seen}
+    assert {f"{s}-{p}" for s in ("fwd", "dx", "batched") for p in ("prefill", "decode")} <= sites
+    assert {"da-prefill-dropout", "fwd-prefill-dropout", "dx-decode-dropout"} <= sites
+    assert {d for _, d, _, _ in seen} == {"fp32", "tf32", "fp16", "bf16", "bf16+fp32-lora", "fp16+fp32-lora"}
+    # The autotuned kernels bring every config the autotuner may try.
+    assert {n for s, d, k, n in seen if k == "_lora_fwd_kernel"} == {6}
+
+
+def test_the_report_compiles_for_ampere_and_hopper_with_triton_s_own_flags():
+    result = run_python(
+        "import sys\n"
+        "from lowrank.kernels.compile_report import main\n"
+        "sys.exit(main(['--targets', '80,90', '--dtypes', 'bf16', '--sites', 'fwd-decode', '--first-config',"
+        " '--jobs', '1', '--no-fail']))\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("sm_")]
+    assert {line.split()[0] for line in lines} == {"sm_80", "sm_90"} and len(lines) == 4
+    for line in lines:
+        assert "ERROR" not in line and " regs " in line and " grid " in line, line
+        assert re.search(r"waves +[\d.]+ (wgmma|mma)\b", line), line  # a 16-bit GEMM runs on tensor cores
+
+
+def test_ptxas_log_parsing_and_residency():
+    log = ("ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are serialized\n"
+           "    1024 bytes stack frame, 2076 bytes spill stores, 1568 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes cumulative stack size\n")
+    assert _ptxas_usage(log) == (255, 2076, True)
+    assert _ptxas_usage("ptxas info    : Used 64 registers, used 1 barriers\n") == (64, 0, False)
+    with pytest.raises(RuntimeError, match="no register count"):
+        _ptxas_usage("")
+    # 8 warps at 255 registers: 65536 / (256 * 32 * 8) = 1 CTA; shared memory can bind first.
+    assert _ctas_per_sm(DEVICES[90], 255, 8, 1024) == 1
+    assert _ctas_per_sm(DEVICES[90], 64, 4, 61440) == 3
+    assert _ctas_per_sm(DEVICES[80], 32, 4, 0) == 16  # threads: 2048 / 128
+
+
+def test_a_binary_with_spills_or_too_much_shared_memory_is_a_problem():
+    clean = Binary("fwd-prefill", "bf16", "_lora_fwd_kernel", "64x128x64 w4 s4", 90, grid=4096, regs=160,
+                   shared=98304, ctas_per_sm=2, tensor_cores="wgmma")
+    assert clean.problems() == [] and "<--" not in clean.line()
+    spilled = Binary(**{**clean.__dict__, "spill": 2076})
+    too_big = Binary(**{**clean.__dict__, "target": 80, "shared": 200 * 1024})
+    assert "2076 spill bytes" in spilled.problems()[0] and "cannot launch" in too_big.problems()[0]
+    assert Binary(**{**clean.__dict__, "error": "CompilationError: x"}).problems() == ["compile error: CompilationError: x"]
