@@ -251,10 +251,11 @@ def main(argv=None) -> int:
     _JOBS[:] = [(launch, config, int(t)) for t in split(args.targets) for launch in launches
                 for config in (launch.configs[:1] if args.first_config else launch.configs)]
     print(f"triton {triton.__version__}, torch {torch.__version__}: {len(launches)} launches, {len(_JOBS)} binaries")
+    binaries = []
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        binaries = list(pool.map(_compile_job, range(len(_JOBS))))
-    for binary in binaries:
-        print(binary.line(), flush=True)
+        for binary in pool.map(_compile_job, range(len(_JOBS))):
+            print(binary.line(), flush=True)
+            binaries.append(binary)
     bad = [b for b in binaries if b.problems()]
     print(f"{len(binaries)} binaries, {len(binaries) - len(bad)} clean, {len(bad)} with problems")
     return 0 if args.no_fail or not bad else 1

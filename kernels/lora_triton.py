@@ -6,9 +6,9 @@ Two launches for prefill-sized M:
 
 1. `_shrink_kernel` writes xa = x @ A, (M, r): small, and the backward reuses it.
 2. `_lora_fwd_kernel` computes one (BLOCK_M, BLOCK_N) tile of y per program: the
-   K loop accumulates x @ W in fp32 registers, the epilogue adds
-   s * xa_tile @ B_tile and the bias, and y is written once. Neither x @ W nor
-   the unscaled (x @ A) @ B ever reaches memory.
+   accumulator starts as s * xa_tile @ B_tile (one fp32 tile in registers, not
+   two), the K loop adds x @ W, the epilogue the bias, and y is written once.
+   Neither x @ W nor the unscaled (x @ A) @ B ever reaches memory.
 
 For decode-sized M the shrink is folded into the main K loop (SHRINK_IN_LOOP):
 every column block recomputes its rows of x @ A, which costs 2*M*K*r flops per
@@ -127,6 +127,19 @@ def _lora_fwd_kernel(
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if not SHRINK_IN_LOOP:
+        # xa is ready (the shrink kernel wrote it): seed the accumulator with s * xa @ B, masked for
+        # DROPOUT_OUTPUT, so that the large prefill tiles hold one (BLOCK_M, BLOCK_N) fp32 tile, not two.
+        for r0 in range(0, R, BLOCK_R):
+            mask_r = offs_r < R - r0
+            xa_ptrs = xa_ptr + offs_m[:, None] * stride_xam + (r0 + offs_r)[None, :] * stride_xar
+            b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn
+            xa = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(xa, b, acc, input_precision=LORA_PRECISION)
+        acc = acc * scale
+        if DROPOUT == 2:  # DROPOUT_OUTPUT
+            acc = acc * _keep_scale(seed, p, offs_m, offs_n, mask_stride_row, mask_stride_col)
     xa_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
@@ -142,10 +155,9 @@ def _lora_fwd_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # Epilogue: lora = xa @ B in fp32, with xa rounded to A's dtype as the
-    # unfused expression rounds it, then y = acc + s * lora + bias.
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SHRINK_IN_LOOP:
+        # Epilogue (decode tiles, small): lora = xa @ B in fp32, with xa rounded to A's dtype as the
+        # unfused expression rounds it, then y = acc + s * lora.
         xa = xa_acc.to(xa_ptr.dtype.element_ty)
         mask_r = offs_r < R
         if pid_n == 0:
@@ -153,18 +165,10 @@ def _lora_fwd_kernel(
             tl.store(xa_ptrs, xa, mask=mask_m[:, None] & mask_r[None, :])
         b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
         b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        lora = tl.dot(xa, b, lora, input_precision=LORA_PRECISION)
-    else:
-        for r0 in range(0, R, BLOCK_R):
-            mask_r = offs_r < R - r0
-            xa_ptrs = xa_ptr + offs_m[:, None] * stride_xam + (r0 + offs_r)[None, :] * stride_xar
-            b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn
-            xa = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            lora = tl.dot(xa, b, lora, input_precision=LORA_PRECISION)
-    if DROPOUT == 2:  # DROPOUT_OUTPUT
-        lora = lora * _keep_scale(seed, p, offs_m, offs_n, mask_stride_row, mask_stride_col)
-    acc += scale * lora
+        lora = tl.dot(xa, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), input_precision=LORA_PRECISION)
+        if DROPOUT == 2:  # DROPOUT_OUTPUT
+            lora = lora * _keep_scale(seed, p, offs_m, offs_n, mask_stride_row, mask_stride_col)
+        acc += scale * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
