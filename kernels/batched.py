@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_triton import _dot_precision, _fwd_configs, _grouped_tile, _interpreting, launch_tiles
+from .lora_triton import _dot_precision, _fwd_configs, _grouped_tile, _interpreting, launch_tiles, rank_block
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def lora_batched_fwd(x, w, a_stack, b_stack, scales, order, idx_sorted, bias=Non
     if M == 0 or N == 0:
         return y, xa
     precision = _dot_precision(x.dtype)
-    block_r = min(64, max(16, triton.next_power_of_2(R)))
+    block_r = rank_block(R)
     shrink_m, shrink_k = (32, 32) if _interpreting() else (16 if M <= 64 else 64, 64)
     _batched_shrink_kernel[(triton.cdiv(M, shrink_m), triton.cdiv(R, block_r))](
         x, a_stack, xa, order, idx_sorted, M, K, R,

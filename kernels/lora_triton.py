@@ -214,6 +214,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def rank_block(R: int) -> int:
+    """BLOCK_R for reading xa or A in rank slices: R rounded up to a power of 2, within 16..64."""
+    return min(64, max(16, triton.next_power_of_2(R)))
+
+
 def lora_fwd(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
              scale: float, bias=None, dropout_p: float = 0.0, seed: int = 0, dropout: int = DROPOUT_INPUT):
     """Fused forward on already-checked operands.
@@ -237,10 +242,10 @@ def lora_fwd(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     mode = dropout if dropout_p > 0 else NO_DROPOUT
     mask_strides = (N, 1) if mode == DROPOUT_OUTPUT else (K, 1)
     in_loop = M <= DECODE_MAX_M and R <= IN_LOOP_MAX_R
-    block_r = max(16, triton.next_power_of_2(R)) if in_loop else min(64, max(16, triton.next_power_of_2(R)))
+    block_r = max(16, triton.next_power_of_2(R)) if in_loop else rank_block(R)
     kernel_mode = mode
     if not in_loop:
-        shrink(x, a, xa, block_r, dropout_p if mode == DROPOUT_INPUT else 0.0, seed, mask_strides)
+        shrink(x, a, xa, dropout_p if mode == DROPOUT_INPUT else 0.0, seed, mask_strides)
         if mode == DROPOUT_INPUT:
             kernel_mode = NO_DROPOUT  # the shrink applied it
     args = (
@@ -255,14 +260,14 @@ def lora_fwd(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     return y, xa
 
 
-def shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor, block_r: int = 64, dropout_p: float = 0.0,
-           seed: int = 0, mask_strides=(0, 0)) -> torch.Tensor:
+def shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor, dropout_p: float = 0.0, seed: int = 0,
+           mask_strides=(0, 0)) -> torch.Tensor:
     """out (M, r) = D @ a for x (M, K), a (K, r), any strides; D = x, or with dropout_p > 0 x times the mask
     of `seed`, whose index for x[m, k] is m * mask_strides[0] + k * mask_strides[1]. Used for xa in the
     forward and, on transposed views, for dA = D.T @ g in the backward."""
     M, K = x.shape
     R = a.shape[1]
-    block = 32 if _interpreting() else 64
+    block, block_r = 32 if _interpreting() else 64, rank_block(R)
     grid = (triton.cdiv(M, block), triton.cdiv(R, block_r))
     _shrink_kernel[grid](
         x, a, out, M, K, R, seed, float(dropout_p),
@@ -279,8 +284,7 @@ def dropped_t_matmul(x: torch.Tensor, g: torch.Tensor, dropout_p: float, seed: i
     out = torch.empty((K, g.shape[1]), device=x.device, dtype=g.dtype)
     if out.numel() == 0 or M == 0:
         return out.zero_()
-    block_r = min(64, max(16, triton.next_power_of_2(g.shape[1])))
-    return shrink(x.T, g, out, block_r, dropout_p, seed, mask_strides=(1, K))
+    return shrink(x.T, g, out, dropout_p, seed, mask_strides=(1, K))
 
 
 def launch_tiles(kernel, tuned, M, N, args, flags) -> None:
