@@ -39,19 +39,18 @@ def eos_ids(model, eos_token_id, device) -> Optional[torch.Tensor]:
     """eos_token_id (an id or a non-empty sequence of ids) as a 1-D long tensor; None means the model
     config's eos_token_id (transformers' default), with a warning when that id lies outside the vocabulary
     (generation can then never stop at it). None if neither names one."""
-    if eos_token_id is None:
-        config = getattr(model, "config", None)
+    config = getattr(model, "config", None) if eos_token_id is None else None
+    if config is not None:
         eos_token_id = getattr(config, "eos_token_id", None)
-        vocab = getattr(config, "vocab_size", None)
-        ids = [] if eos_token_id is None else torch.tensor(eos_token_id).flatten().tolist()
-        if vocab is not None and any(not 0 <= i < vocab for i in ids):
-            warnings.warn(f"the model config's eos_token_id={eos_token_id} lies outside vocab_size={vocab}: "
-                          "generation will not stop at it; pass eos_token_id")
-        if eos_token_id is None:
-            return None
+    if eos_token_id is None:
+        return None
     ids = torch.as_tensor(eos_token_id, device=device)
     if ids.is_floating_point() or ids.is_complex() or ids.numel() == 0:
         raise ValueError(f"eos_token_id={eos_token_id!r}: expected a token id or a non-empty list of ids")
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and bool(((ids < 0) | (ids >= vocab)).any()):
+        warnings.warn(f"the model config's eos_token_id={eos_token_id} lies outside vocab_size={vocab}: "
+                      "generation will not stop at it; pass eos_token_id")
     return ids.flatten().long()
 
 
