@@ -9,25 +9,49 @@ The launcher sorts the rows by adapter (a permutation, no copy: the kernels
 gather rows through it). The base GEMM runs over tiles of consecutive sorted
 rows, so W is read exactly as by the single-adapter kernel whatever the mix. A
 tile's sorted rows hold a contiguous range of adapter ids, usually one in
-prefill; the shrink and the epilogue loop over that range with masked dots, so
-a tile pays one small dot per adapter it holds. Adapters of lower rank are
-zero-padded to r inside the stacks: the padded columns add exact zeros.
+prefill; the shrink and the low-rank term loop over that range with masked
+dots, so a tile pays one small dot per adapter it holds. The low-rank term
+seeds the tile's one fp32 accumulator, which the K loop then adds x @ W to.
+Adapters of lower rank are zero-padded to r inside the stacks: the padded
+columns add exact zeros.
+
+Decode-sized batches (M <= DECODE_MAX_M) split K as the single-adapter path
+does (kernels/split_k.py): the base product's slices are summed by an epilogue
+that adds the adapters' terms.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .lora_triton import _dot_precision, _fwd_configs, _grouped_tile, _interpreting, launch_tiles, rank_block
+from . import split_k, tile_configs
+from .tiles import (dot_precision, grouped_tile, interpreting, k_step, launch_tiles, rank_block, rank_product,
+                    sum_splits, tile_ptrs, tuned)
 
 
 @triton.jit
 def _tile_adapter_range(idx_ptr, offs_m, M):
-    """Sorted adapter ids of a tile's rows, and the range [lo, hi] of non-negative ids among them."""
+    """Sorted adapter ids of a tile's rows, and the range [lo, hi] of non-negative ids among them (int32:
+    the loops over them cast to int64 where an id multiplies a stride)."""
     mask_m = offs_m < M
     ad = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)
     lo = tl.min(tl.where(ad >= 0, ad, 2147483647), axis=0)
     hi = tl.max(ad, axis=0)
     return ad, lo, hi
+
+
+@triton.jit
+def _adapters_product(xa_ptr, b_ptr, scales_ptr, idx_ptr, offs_m, offs_n, mask_n, M, R,
+                      stride_xam, stride_xar, stride_bn_, stride_br, stride_bcol,
+                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """s[i] * xa @ B[i] on each row of a (BLOCK_M, BLOCK_N) tile of sorted rows, i its adapter (0 on base
+    rows), in one fp32 tile: every row sees only its own adapter's B, so the scales apply per row after."""
+    ad, lo, hi = _tile_adapter_range(idx_ptr, offs_m, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for adapter in range(lo, hi + 1):
+        b_adapter = b_ptr + tl.cast(adapter, tl.int64) * stride_bn_
+        acc = rank_product(acc, xa_ptr, b_adapter, offs_m, offs_n, ad == adapter, mask_n, R,
+                           stride_xam, stride_xar, stride_br, stride_bcol, PRECISION, BLOCK_R)
+    return acc * tl.load(scales_ptr + ad, mask=ad >= 0, other=0.0).to(tl.float32)[:, None]
 
 
 @triton.jit
@@ -38,25 +62,25 @@ def _batched_shrink_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """xa[j] = x[rows[j]] @ A[idx[j]] for sorted positions j; zero where idx[j] = -1."""
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     rows = tl.load(rows_ptr + offs_m, mask=offs_m < M, other=0)
     ad, lo, hi = _tile_adapter_range(idx_ptr, offs_m, M)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for adapter in range(lo, hi + 1):
         sel = ad == adapter
+        x_ptrs = tile_ptrs(x_ptr, rows, offs_k, stride_xm, stride_xk)
+        a_ptrs = tile_ptrs(a_ptr + tl.cast(adapter, tl.int64) * stride_an, offs_k, offs_r, stride_ak, stride_ar)
         for k0 in range(0, K, BLOCK_K):
             mask_k = offs_k < K - k0
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
-                        mask=sel[:, None] & mask_k[None, :], other=0.0)
-            a = tl.load(a_ptr + adapter * stride_an + (k0 + offs_k)[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                        mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
+            x = tl.load(x_ptrs, mask=sel[:, None] & mask_k[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
             acc = tl.dot(x, a, acc, input_precision=PRECISION)
-    xa_ptrs = xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar
-    tl.store(xa_ptrs, acc.to(xa_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+            x_ptrs += k_step(stride_xk, BLOCK_K)
+            a_ptrs += k_step(stride_ak, BLOCK_K)
+    tl.store(tile_ptrs(xa_ptr, offs_m, offs_r, stride_xam, stride_xar), acc.to(xa_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
 @triton.jit
@@ -70,41 +94,52 @@ def _batched_fwd_kernel(
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) tile of y over sorted rows; M_BUCKET only keys the autotuner."""
-    _, offs_m, offs_n, mask_m, mask_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    _, offs_m, offs_n, mask_m, mask_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
     rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)
-
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _adapters_product(xa_ptr, b_ptr, scales_ptr, idx_ptr, offs_m, offs_n, mask_n, M, R,
+                            stride_xam, stride_xar, stride_bn_, stride_br, stride_bcol,
+                            PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+    x_ptrs = tile_ptrs(x_ptr, rows, offs_k, stride_xm, stride_xk)
+    w_ptrs = tile_ptrs(w_ptr, offs_k, offs_n, stride_wk, stride_wn)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-
-    ad, lo, hi = _tile_adapter_range(idx_ptr, offs_m, M)
-    for adapter in range(lo, hi + 1):
-        sel = ad == adapter
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            mask_r = offs_r < R - r0
-            xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + (r0 + offs_r)[None, :] * stride_xar,
-                         mask=sel[:, None] & mask_r[None, :], other=0.0)
-            b = tl.load(b_ptr + adapter * stride_bn_ + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bcol,
-                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            lora = tl.dot(xa, b, lora, input_precision=PRECISION)
-        acc += tl.load(scales_ptr + adapter).to(tl.float32) * lora
+        x_ptrs += k_step(stride_xk, BLOCK_K)
+        w_ptrs += k_step(stride_wk, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(tile_ptrs(y_ptr, rows, offs_n, stride_ym, stride_yn), acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
 
 
-_batched_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=["M_BUCKET", "N", "K", "R"])(_batched_fwd_kernel)
+@triton.jit
+def _batched_split_k_epilogue_kernel(
+    part_ptr, nsplit_ptr, b_ptr, xa_ptr, bias_ptr, y_ptr, rows_ptr, idx_ptr, scales_ptr,
+    M, N, R,
+    stride_bn_, stride_br, stride_bcol, stride_xam, stride_xar, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """y tile over sorted rows = sum_s part[s] (in row order) + the adapters' terms (+ bias).
+    grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)
+    acc = sum_splits(part_ptr, nsplit_ptr, rows, offs_n, mask_m, mask_n, M, N, BLOCK_M, BLOCK_N)
+    acc += _adapters_product(xa_ptr, b_ptr, scales_ptr, idx_ptr, offs_m, offs_n, mask_n, M, R,
+                             stride_xam, stride_xar, stride_bn_, stride_br, stride_bcol,
+                             PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(tile_ptrs(y_ptr, rows, offs_n, stride_ym, stride_yn), acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+_batched_fwd_tuned = tuned(_batched_fwd_kernel, key=["M_BUCKET", "N", "K", "R", "PRECISION"])
 
 
 def lora_batched_fwd(x, w, a_stack, b_stack, scales, order, idx_sorted, bias=None):
@@ -121,21 +156,30 @@ def lora_batched_fwd(x, w, a_stack, b_stack, scales, order, idx_sorted, bias=Non
     xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return y, xa
-    precision = _dot_precision(x.dtype)
+    precision = dot_precision(x.dtype)
     block_r = rank_block(R)
-    shrink_m, shrink_k = (32, 32) if _interpreting() else (16 if M <= 64 else 64, 64)
+    shrink_m, shrink_k = (32, 32) if interpreting() else (16 if M <= 64 else 64, 64)
     _batched_shrink_kernel[(triton.cdiv(M, shrink_m), triton.cdiv(R, block_r))](
         x, a_stack, xa, order, idx_sorted, M, K, R,
         x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
         xa.stride(0), xa.stride(1),
         PRECISION=precision, BLOCK_M=shrink_m, BLOCK_K=shrink_k, BLOCK_R=block_r,
     )
+    lora_strides = (b_stack.stride(0), b_stack.stride(1), b_stack.stride(2), xa.stride(0), xa.stride(1))
+    if M <= tile_configs.DECODE_MAX_M:
+        part, _, nsplit = split_k.split_k_partials(x, w)
+        block_m = tile_configs.decode_block_m(M)
+        _batched_split_k_epilogue_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, split_k.EPILOGUE_BLOCK_N))](
+            part, nsplit, b_stack, xa, bias if bias is not None else y, y, order, idx_sorted, scales,
+            M, N, R, *lora_strides, y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_N=split_k.EPILOGUE_BLOCK_N, BLOCK_R=block_r, num_warps=4,
+        )
+        return y, xa
     args = (
         x, w, b_stack, xa, bias if bias is not None else y, y, order, idx_sorted, scales,
         M, N, K, R, triton.next_power_of_2(M),
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
-        xa.stride(0), xa.stride(1), y.stride(0), y.stride(1),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), *lora_strides, y.stride(0), y.stride(1),
     )
     flags = dict(HAS_BIAS=bias is not None, PRECISION=precision, BLOCK_R=block_r)
     launch_tiles(_batched_fwd_kernel, _batched_fwd_tuned, M, N, args, flags)

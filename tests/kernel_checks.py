@@ -5,6 +5,8 @@ import os
 import numpy as np
 import torch
 
+from lowrank import kernels
+
 from .helpers import TOLERANCE
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -35,6 +37,14 @@ def make(shape, layout, dtype, gen, device):
     else:
         t = torch.randn(rows, cols, generator=gen)
     return t.to(device=device, dtype=dtype)
+
+
+def keep_of(M, K, p, seed, backend_name):
+    """keep / (1 - p), (M, K) float64: the mask lora_matmul uses for these sizes and seed (with identity
+    adapters, W = 0 and s = 1 the output is the dropped input itself)."""
+    with backend(backend_name):
+        eye = torch.eye(K)
+        return to64(kernels.lora_matmul(torch.ones(M, K), torch.zeros(K, K), eye, eye, 1.0, dropout_p=p, seed=seed))
 
 
 def to64(t):

@@ -69,7 +69,6 @@ def grad_or_zeros(t):
 
 
 def check_batched(p, dtype, device, backend_name):
-    note(p)
     x, W, A, B, scales, index, bias = build(p, dtype, device)
     leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
     with backend(backend_name):
@@ -95,6 +94,7 @@ def check_batched(p, dtype, device, backend_name):
 @settings(max_examples=15)
 @given(p=batched_problems())
 def test_batched_equals_reference_and_per_row_fused(backend_name, dtype, p):
+    note(p)
     check_batched(p, dtype, "cpu", backend_name)
 
 
@@ -103,6 +103,7 @@ def test_batched_equals_reference_and_per_row_fused(backend_name, dtype, p):
 @settings(max_examples=30)
 @given(p=batched_problems(max_dim=2048, max_m=600, max_adapters=64))
 def test_batched_equals_reference_on_gpu(dtype, p):
+    note(p)
     check_batched(p, dtype, "cuda", "triton")
 
 

@@ -14,19 +14,12 @@ from hypothesis import strategies as st
 from lowrank import kernels
 from lowrank.kernels import reference
 
-from .kernel_checks import LAYOUTS, assert_matches, backend, make, to64
+from .kernel_checks import LAYOUTS, assert_matches, backend, keep_of, make, to64
 
 BACKENDS = ["torch", "triton"]
 # (dtype of x and W, dtype of A and B)
 DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
-
-
-def keep_of(M, K, p, seed, backend_name):
-    """keep / (1 - p), (M, K) float64: the mask lora_matmul uses for these sizes and seed."""
-    with backend(backend_name):
-        eye = torch.eye(K)
-        return to64(kernels.lora_matmul(torch.ones(M, K), torch.zeros(K, K), eye, eye, 1.0, dropout_p=p, seed=seed))
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
