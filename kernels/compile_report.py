@@ -5,15 +5,18 @@ Ampere (sm_80) and Hopper (sm_90) on this machine.
                                              [--jobs N] [--no-fail]
 
 The launches come from the real launchers (lora_fwd, shrink, dropped_t_matmul, lora_batched_fwd) called on
-meta tensors of the shapes below while triton's launch methods are recorded instead of run; each recorded
-launch is then compiled as triton's runtime would compile it (its binder's argument specialization,
-`_pack_args`, `triton.compile` for the target), once per autotune config the launcher's autotuner can try.
+meta tensors of the shapes below, once per target under tile_configs.assume_target, while triton's launch
+methods are recorded instead of run; each recorded launch is then compiled as triton's runtime would
+compile it (its binder's argument specialization, `_pack_args`, `triton.compile` for the target), once per
+autotune config the launcher's autotuner can try there (its own pruning, tile_configs.prune).
 
-One line per binary: call site, kernel, dtype, config, grid, registers, spill bytes, shared memory,
-CTAs per SM and waves over the SMs (132 on H100/H200, 108 on A100), and the tensor-core instruction the PTX
-uses (wgmma, mma or none; "serialized" where ptxas serialises wgmma for want of registers). Registers and
+One line per binary: call site, kernel, dtype, config, grid (and programs per SM: 132 SMs on H100/H200,
+108 on A100), registers, spill bytes, shared memory, resident CTAs per SM and waves of them, and the
+tensor-core instruction the PTX uses (wgmma, mma or none; "serialized" where ptxas serialises wgmma for want
+of registers). Registers and
 spill bytes come from the `ptxas -v` log of triton's own compile, so from the flags it really builds with.
-Exit code 1 on a compile error, any spilled bytes, or shared memory above the per-CTA limit.
+Exit code 1 on a compile error, any spilled bytes, shared memory above the per-CTA limit, or a decode grid
+with fewer than tile_configs.DECODE_WAVES programs per SM.
 """
 import argparse
 import contextlib
@@ -33,7 +36,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from . import batched, lora_triton
+from . import batched, lora_triton, tile_configs
 from .torch_ref import DROPOUT_OUTPUT
 
 
@@ -68,21 +71,24 @@ class Launch:
 
     site: str
     dtype: str
+    target: int
     kernel: JITFunction
-    configs: list  # the autotuner's configs, or [None] for a plain launch
+    configs: list  # the configs the autotuner may try on the target, or [None] for a plain launch
     grid: object
     args: tuple
     kwargs: dict
 
 
 @contextlib.contextmanager
-def recording(launches: list, site: str, dtype: str):
-    """Record every triton launch made inside instead of running it."""
+def recording(launches: list, site: str, dtype: str, target: int):
+    """Record every triton launch made inside instead of running it, with the configs an autotuner would
+    try after its pruning."""
     def jit_run(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(site, dtype, self, [None], grid, args, kwargs))
+        launches.append(Launch(site, dtype, target, self, [None], grid, args, kwargs))
 
     def tuned_run(self, *args, grid, warmup=False, **kwargs):
-        launches.append(Launch(site, dtype, self.fn, list(self.configs), grid, args, kwargs))
+        self.nargs = dict(zip(self.arg_names, args))
+        launches.append(Launch(site, dtype, target, self.fn, self.prune_configs(kwargs), grid, args, kwargs))
 
     saved = JITFunction.run, Autotuner.run
     JITFunction.run, Autotuner.run = jit_run, tuned_run
@@ -96,12 +102,19 @@ def _meta(*shape, dtype):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def record_launches(sites=None, dtypes=None) -> list:
-    """Launches of every call site for every dtype (both filtered by name when given)."""
+def record_launches(targets=(80, 90), sites=None, dtypes=None) -> list:
+    """Launches of every call site for every dtype and target (sites and dtypes filtered by name when given)."""
     if not isinstance(lora_triton._lora_fwd_kernel, JITFunction):
         raise RuntimeError("triton was imported with TRITON_INTERPRET=1: the interpreter builds no binaries; "
                            "run the report in a process without it")
     launches = []
+    for target in targets:
+        with tile_configs.assume_target(tile_configs.Target(target, DEVICES[target].sms)):
+            _record_target(launches, target, sites, dtypes)
+    return launches
+
+
+def _record_target(launches: list, target: int, sites, dtypes) -> None:
     for name, dtype, lora_dtype, tf32 in DTYPES:
         if dtypes and name not in dtypes:
             continue
@@ -127,10 +140,9 @@ def record_launches(sites=None, dtypes=None) -> list:
             for site, call in calls.items():
                 if sites and not any(site.startswith(s) for s in sites):
                     continue
-                with recording(launches, site, name):
+                with recording(launches, site, name, target):
                     call()
     torch.backends.cuda.matmul.allow_tf32 = False
-    return launches
 
 
 @dataclass
@@ -151,6 +163,9 @@ class Binary:
     tensor_cores: str = ""
     error: Optional[str] = None
 
+    def per_sm(self) -> float:
+        return self.grid / DEVICES[self.target].sms
+
     def waves(self) -> float:
         return self.grid / max(1, self.ctas_per_sm * DEVICES[self.target].sms)
 
@@ -162,14 +177,16 @@ class Binary:
             out.append(f"{self.spill} spill bytes per thread")
         if self.shared > DEVICES[self.target].smem_per_cta:
             out.append(f"shared {self.shared} B > {DEVICES[self.target].smem_per_cta} B per CTA: cannot launch")
+        if self.kernel == "_split_k_kernel" and self.per_sm() < tile_configs.DECODE_WAVES:
+            out.append(f"decode grid under {tile_configs.DECODE_WAVES} programs per SM")
         return out
 
     def line(self) -> str:
-        head = f"sm_{self.target} {self.site:<20} {self.dtype:<15} {self.kernel:<22} {self.config:<26}"
+        head = f"sm_{self.target} {self.site:<20} {self.dtype:<15} {self.kernel:<32} {self.config:<26}"
         if self.error:
             return f"{head} ERROR {self.error}"
         flags = "; ".join(self.problems())
-        return (f"{head} grid {self.grid:>6} regs {self.regs:>3} spill {self.spill:>5} shared {self.shared:>6} "
+        return (f"{head} grid {self.grid:>6} ({self.per_sm():>6.2f}/SM) regs {self.regs:>3} spill {self.spill:>5} shared {self.shared:>6} "
                 f"CTAs/SM {self.ctas_per_sm:>2} waves {self.waves():>6.2f} {self.tensor_cores:<5}"
                 + (" serialized" if self.serialized else "") + (f"  <-- {flags}" if flags else ""))
 
@@ -200,9 +217,9 @@ def _ctas_per_sm(device: Device, regs: int, warps: int, shared: int) -> int:
     return min(by_regs, by_threads, by_shared, device.ctas_per_sm)
 
 
-def compile_binary(launch: Launch, config, target: int) -> Binary:
-    """Compile one launch with one config for one target, as triton's runtime would."""
-    fn = launch.kernel
+def compile_binary(launch: Launch, config) -> Binary:
+    """Compile one launch with one config for its target, as triton's runtime would."""
+    fn, target = launch.kernel, launch.target
     binary = Binary(launch.site, launch.dtype, fn.__name__, _config_name(config), target)
     kwargs = dict(launch.kwargs, **(config.all_kwargs() if config is not None else {}))
     try:
@@ -230,7 +247,7 @@ def compile_binary(launch: Launch, config, target: int) -> Binary:
     return binary
 
 
-_JOBS: list = []  # (launch, config, target), filled before the worker processes fork
+_JOBS: list = []  # (launch, config), filled before the worker processes fork
 
 
 def _compile_job(i: int) -> Binary:
@@ -247,8 +264,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-fail", action="store_true", help="exit 0 whatever the binaries show")
     args = parser.parse_args(argv)
     split = lambda text: text.split(",") if text else None
-    launches = record_launches(split(args.sites), split(args.dtypes))
-    _JOBS[:] = [(launch, config, int(t)) for t in split(args.targets) for launch in launches
+    launches = record_launches([int(t) for t in split(args.targets)], split(args.sites), split(args.dtypes))
+    _JOBS[:] = [(launch, config) for launch in launches
                 for config in (launch.configs[:1] if args.first_config else launch.configs)]
     print(f"triton {triton.__version__}, torch {torch.__version__}: {len(launches)} launches, {len(_JOBS)} binaries")
     binaries = []
