@@ -6,11 +6,12 @@
     lowrank info PATH
 
 A PEFT method is one entry of METHODS: the config class's name in `lowrank` and the options that fill its
-fields. Bad arguments exit with argparse's usage error (code 2); a bad file or value exits with one line
-on stderr (code 1), never a traceback.
+fields. Bad arguments exit with argparse's usage error (code 2); any other error exits with one line on
+stderr naming the problem (code 1), never a traceback (LOWRANK_TRACEBACK=1 shows it, for a bug report).
 """
 import argparse
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ from . import models
 
 from . import config as peft_configs
 from . import data, io
-from .config import config_from_dict, is_encoder_decoder
+from .config import is_encoder_decoder
 from .peft_model import PeftModel, get_peft_model
 from .train import MIXED_PRECISION, SCHEDULES, Trainer, TrainingConfig
 
@@ -220,7 +221,7 @@ def info(args) -> None:
     path = Path(args.path)
     if (path / io.CONFIG_NAME).is_file():
         config_file, weights = path / io.CONFIG_NAME, path / io.WEIGHTS_NAME
-        config = config_from_dict(json.loads(config_file.read_text()), source=str(config_file))
+        config = io.read_adapter_config(config_file)
         title, fields = f"adapter: {config.peft_type} ({type(config).__name__})", config.to_dict()
     elif (path / models.loading.CONFIG_NAME).is_file():
         fields = models.loading.read_config(path)
@@ -267,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     for o, names in applies.items():
         replace(o, help=f"{o.help} [{', '.join(names)}]").add_to(group)
     group = p.add_argument_group("data")
-    group.add_argument("--max-length", type=int, help="tokens per example (default: what the model holds: n_positions less any virtual tokens, or 512)")
+    group.add_argument("--max-length", type=positive_int, help="tokens per example (default: what the model holds: n_positions less any virtual tokens, or 512)")
     group.add_argument("--truncation", choices=data.TRUNCATION, default="refuse", help="for over-long examples")
     for flag, default in (("--prompt-column", "prompt"), ("--completion-column", "completion"),
                           ("--text-column", None), ("--source-column", "source"), ("--target-column", "target")):
@@ -312,9 +313,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, OSError, KeyError) as e:
-        message = " ".join(str(e).split())
-        print(f"lowrank {args.command}: error: {message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"lowrank {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line naming the problem, not a traceback (LOWRANK_TRACEBACK=1 shows it)
+        if os.environ.get("LOWRANK_TRACEBACK") == "1":
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        kind = "" if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: "
+        print(f"lowrank {args.command}: error: {kind}{message}", file=sys.stderr)
         return 1
     return 0
 

@@ -11,6 +11,9 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar, Optional, Union
 
+from .checks import check_types, is_count
+from .errors import ConfigError
+
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 ENCODER_DECODER_TASKS = {"CAUSAL_LM": False, "SEQ_2_SEQ_LM": True}  # task_type -> whether its model is one
 
@@ -29,7 +32,7 @@ def _check_regex(owner: str, field_name: str, pattern: str) -> None:
     try:
         re.compile(pattern)
     except re.error as e:
-        raise ValueError(f"{owner}: {field_name}={pattern!r} is not a valid regular expression: {e}") from None
+        raise ConfigError(f"{owner}: {field_name}={pattern!r} is not a valid regular expression: {e}") from None
 
 
 def _as_names(owner: str, field_name: str, value):
@@ -41,12 +44,12 @@ def _as_names(owner: str, field_name: str, value):
         return value
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         return list(dict.fromkeys(sorted(value) if isinstance(value, (set, frozenset)) else value))
-    raise ValueError(f"{owner}: {field_name}={value!r} must be None, a regex string or a list of module names")
+    raise ConfigError(f"{owner}: {field_name}={value!r} must be None, a regex string or a list of module names")
 
 
 def _check_int(owner: str, field_name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}: {field_name}={value!r} must be an integer >= {minimum}")
+    if not is_count(value, minimum):
+        raise ConfigError(f"{owner}: {field_name}={value!r} must be an integer >= {minimum}")
 
 
 @dataclass(kw_only=True)
@@ -69,10 +72,11 @@ class PeftConfig:
     peft_unsupported: ClassVar[dict] = {}
 
     def __post_init__(self):
+        check_types(self)
         if self.task_type is not None and self.task_type not in TASK_TYPES:
-            raise ValueError(f"{type(self).__name__}: task_type={self.task_type!r} is not one of {TASK_TYPES}")
+            raise ConfigError(f"{type(self).__name__}: task_type={self.task_type!r} is not one of {TASK_TYPES}")
         if isinstance(self.modules_to_save, str):
-            raise ValueError(f"{type(self).__name__}: modules_to_save={self.modules_to_save!r} must be a list of names")
+            raise ConfigError(f"{type(self).__name__}: modules_to_save={self.modules_to_save!r} must be a list of names")
         self.modules_to_save = _as_names(type(self).__name__, "modules_to_save", self.modules_to_save)
 
     def is_module_to_save(self, name: str) -> bool:
@@ -87,12 +91,14 @@ class PeftConfig:
     def from_dict(cls, d: dict, source: str = "config") -> "PeftConfig":
         """Inverse of to_dict. Unknown keys warn, naming `source` and the keys, and are dropped; a PEFT
         feature this library does not implement, switched on, raises ValueError naming the key."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
         if d.get("peft_type", cls.peft_type) != cls.peft_type:
-            raise ValueError(f"peft_type={d['peft_type']!r}, expected {cls.peft_type!r}")
+            raise ConfigError(f"peft_type={d['peft_type']!r}, expected {cls.peft_type!r}")
         names = {f.name for f in fields(cls)}
         for key, default in cls.peft_unsupported.items():
             if d.get(key, default) != default:
-                raise ValueError(f"{key}={d[key]!r} is not supported by lowrank (only {default!r})")
+                raise ConfigError(f"{key}={d[key]!r} is not supported by lowrank (only {default!r})")
         unknown = sorted(set(d) - names - cls.peft_ignored - set(cls.peft_unsupported) - {"peft_type"})
         if unknown:
             warnings.warn(f"{source}: ignoring unknown {cls.__name__} fields {unknown}", stacklevel=2)
@@ -147,26 +153,29 @@ class LoraConfig(PeftConfig):
         name = type(self).__name__
         _check_int(name, "r", self.r, 1)
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"{name}: lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+            raise ConfigError(f"{name}: lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"{name}: bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
+            raise ConfigError(f"{name}: bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
         if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"{name}: init_lora_weights={self.init_lora_weights!r} must be True, False or 'gaussian'")
+            raise ConfigError(f"{name}: init_lora_weights={self.init_lora_weights!r} must be True, False or 'gaussian'")
         self.target_modules = _as_names(name, "target_modules", self.target_modules)
         self.exclude_modules = _as_names(name, "exclude_modules", self.exclude_modules)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError(f"{name}: layers_to_transform={self.layers_to_transform!r} needs target_modules as a "
+            raise ConfigError(f"{name}: layers_to_transform={self.layers_to_transform!r} needs target_modules as a "
                              f"list, got the regex {self.target_modules!r}")
+        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern or []
+        if not all(isinstance(p, str) and p for p in patterns):
+            raise ConfigError(f"{name}: layers_pattern={self.layers_pattern!r} must be a name or a list of names")
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError(f"{name}: layers_pattern={self.layers_pattern!r} needs layers_to_transform")
+            raise ConfigError(f"{name}: layers_pattern={self.layers_pattern!r} needs layers_to_transform")
         layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
         if layers is not None and not all(isinstance(i, int) and i >= 0 for i in layers):
-            raise ValueError(f"{name}: layers_to_transform={self.layers_to_transform!r} must be ints >= 0")
+            raise ConfigError(f"{name}: layers_to_transform={self.layers_to_transform!r} must be ints >= 0")
         for field_name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
             for key, value in getattr(self, field_name).items():
                 _check_regex(name, f"{field_name} key", key)
                 if isinstance(value, bool) or not isinstance(value, kind) or value < 1:
-                    raise ValueError(f"{name}: {field_name}[{key!r}]={value!r} must be a number >= 1"
+                    raise ConfigError(f"{name}: {field_name}[{key!r}]={value!r} must be a number >= 1"
                                      + (" (an integer)" if kind is int else ""))
 
     def is_target(self, name: str) -> bool:
@@ -229,9 +238,9 @@ class PromptLearningConfig(PeftConfig):
             if getattr(self, field_name) is not None:
                 _check_int(name, field_name, getattr(self, field_name), 1)
         if self.num_transformer_submodules not in (None, 1, 2):
-            raise ValueError(f"{name}: num_transformer_submodules={self.num_transformer_submodules!r} must be 1 or 2")
+            raise ConfigError(f"{name}: num_transformer_submodules={self.num_transformer_submodules!r} must be 1 or 2")
         if self.modules_to_save is not None:
-            raise ValueError(f"{name}: modules_to_save={self.modules_to_save!r} is not supported with soft prompts")
+            raise ConfigError(f"{name}: modules_to_save={self.modules_to_save!r} is not supported with soft prompts")
 
 
 @dataclass(kw_only=True)
@@ -256,17 +265,17 @@ class PromptTuningConfig(PromptLearningConfig):
         super().__post_init__()
         name = type(self).__name__
         if self.prompt_tuning_init not in ("RANDOM", "TEXT", "SAMPLE_VOCAB"):
-            raise ValueError(f"{name}: prompt_tuning_init={self.prompt_tuning_init!r} must be 'RANDOM', 'TEXT' "
+            raise ConfigError(f"{name}: prompt_tuning_init={self.prompt_tuning_init!r} must be 'RANDOM', 'TEXT' "
                              f"or 'SAMPLE_VOCAB'")
         if self.prompt_tuning_init == "TEXT":
             if not self.tokenizer_name_or_path:
-                raise ValueError(f"{name}: tokenizer_name_or_path={self.tokenizer_name_or_path!r}, but "
+                raise ConfigError(f"{name}: tokenizer_name_or_path={self.tokenizer_name_or_path!r}, but "
                                  f"prompt_tuning_init='TEXT' needs a folder with tokenizer.json")
             if not self.prompt_tuning_init_text:
-                raise ValueError(f"{name}: prompt_tuning_init_text={self.prompt_tuning_init_text!r}, but "
+                raise ConfigError(f"{name}: prompt_tuning_init_text={self.prompt_tuning_init_text!r}, but "
                                  f"prompt_tuning_init='TEXT' needs a non-empty text (a zero-length prompt)")
         elif self.tokenizer_kwargs:
-            raise ValueError(f"{name}: tokenizer_kwargs={self.tokenizer_kwargs!r} is only valid with "
+            raise ConfigError(f"{name}: tokenizer_kwargs={self.tokenizer_kwargs!r} is only valid with "
                              f"prompt_tuning_init='TEXT'")
 
 
@@ -290,7 +299,7 @@ class PrefixTuningConfig(PromptLearningConfig):
         super().__post_init__()
         name = type(self).__name__
         if self.init_weights not in (None, "zero"):
-            raise ValueError(f"{name}: init_weights={self.init_weights!r} must be None or 'zero'")
+            raise ConfigError(f"{name}: init_weights={self.init_weights!r} must be None or 'zero'")
         if self.encoder_hidden_size is not None:
             _check_int(name, "encoder_hidden_size", self.encoder_hidden_size, 1)
 
@@ -315,13 +324,13 @@ class PromptEncoderConfig(PromptLearningConfig):
         super().__post_init__()
         name = type(self).__name__
         if self.encoder_reparameterization_type not in ("MLP", "LSTM"):
-            raise ValueError(f"{name}: encoder_reparameterization_type={self.encoder_reparameterization_type!r} "
+            raise ConfigError(f"{name}: encoder_reparameterization_type={self.encoder_reparameterization_type!r} "
                              f"must be 'MLP' or 'LSTM'")
         if self.encoder_hidden_size is not None:
             _check_int(name, "encoder_hidden_size", self.encoder_hidden_size, 1)
         _check_int(name, "encoder_num_layers", self.encoder_num_layers, 1)
         if not 0.0 <= self.encoder_dropout < 1.0:
-            raise ValueError(f"{name}: encoder_dropout={self.encoder_dropout!r} must be in [0, 1)")
+            raise ConfigError(f"{name}: encoder_dropout={self.encoder_dropout!r} must be in [0, 1)")
 
 
 CONFIG_CLASSES = {cls.peft_type: cls for cls in (LoraConfig, PromptTuningConfig, PrefixTuningConfig,
@@ -330,7 +339,9 @@ CONFIG_CLASSES = {cls.peft_type: cls for cls in (LoraConfig, PromptTuningConfig,
 
 def config_from_dict(d: dict, source: str = "config") -> PeftConfig:
     """An adapter_config.json dict -> the config class its `peft_type` names; `source` names it in warnings."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
     peft_type = d.get("peft_type")
-    if peft_type not in CONFIG_CLASSES:
-        raise ValueError(f"peft_type={peft_type!r} is not one of {sorted(CONFIG_CLASSES)}")
+    if not isinstance(peft_type, str) or peft_type not in CONFIG_CLASSES:
+        raise ConfigError(f"peft_type={peft_type!r} is not one of {sorted(CONFIG_CLASSES)}")
     return CONFIG_CLASSES[peft_type].from_dict(d, source)

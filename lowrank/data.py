@@ -38,6 +38,23 @@ def read_records(path) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
     suffix = path.suffix.lower()
+    try:
+        records = _records(path, suffix)
+    except UnicodeDecodeError:
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:  # decoding the whole file gives the offset in the file
+            line = raw[: e.start].count(b"\n") + 1
+            raise ValueError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                             f"{e.start}); save the file as UTF-8") from None
+        raise
+    if not records:
+        raise ValueError(f"{path}: empty file, no examples")
+    return records
+
+
+def _records(path: Path, suffix: str) -> list:
     with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a leading BOM (Excel) is not text
         if suffix == ".jsonl":
             records = list(_jsonl_records(path, f))
@@ -47,8 +64,6 @@ def read_records(path) -> list:
             records = [Record({"text": line.rstrip("\r\n")}, i) for i, line in enumerate(f, 1) if line.strip()]
         else:
             raise ValueError(f"{path}: unknown data format {suffix!r}; use .jsonl, .csv or .txt")
-    if not records:
-        raise ValueError(f"{path}: empty file, no examples")
     return records
 
 

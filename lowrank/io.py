@@ -2,8 +2,8 @@
 
 Which tensors a file holds, by key: `adapter_tensors` (from a model that has the adapter) and
 `expected_shapes` (from a plan, before the model is touched) describe the same layout. Reads go through
-safetensors only, never pickle. Writes are atomic: a temporary file in the same folder, then os.replace,
-so a crash leaves the old file or the new one, never half of one.
+safetensors only, never pickle. An adapter's two files are written as one change of its folder
+(files.write_folder), so a crash leaves the old adapter or the new one, never half of one.
 """
 import json
 from pathlib import Path
@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .models.loading import atomic_write
-
 from .config import config_from_dict
+from .errors import CheckpointError
+from .files import finish_interrupted_write, read_json_object, write_folder
 from .lora import LoraLayer, ModulesToSaveWrapper, base_modules, linear_features
 
 CONFIG_NAME = "adapter_config.json"
@@ -71,12 +71,10 @@ def expected_shapes(model: nn.Module, plan: dict, to_save, bias: str) -> dict:
 def write_adapter(folder, config: dict, tensors: dict) -> None:
     """Write config (a to_dict()) and tensors ({file key: tensor}) into folder. Half-precision tensors are
     stored as fp32, as PEFT stores autocast adapters; every tensor is saved contiguous, on the CPU."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: _for_file(t) for k, t in tensors.items()}
-    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    write_folder(folder, {WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+                          CONFIG_NAME: lambda tmp: Path(tmp).write_text(text)})
 
 
 def _for_file(t: torch.Tensor) -> torch.Tensor:
@@ -86,26 +84,35 @@ def _for_file(t: torch.Tensor) -> torch.Tensor:
 
 def read_adapter(path) -> tuple:
     """(config, {file key: tensor}, config file, weights file) of the adapter saved in folder `path`.
-    ValueError (naming the file) for a bad config, a pickle-only adapter or an unreadable weights file."""
+    CheckpointError (naming the file) for a bad config, a pickle-only adapter or an unreadable weights file."""
     folder = Path(path)
+    if folder.is_dir():
+        finish_interrupted_write(folder)
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: no adapter config in {folder}")
     if not weights_file.is_file():
         if (folder / PICKLE_NAME).is_file():
-            raise ValueError(f"{folder / PICKLE_NAME}: a pickle (torch.save) file, which can run code when read; "
+            raise CheckpointError(f"{folder / PICKLE_NAME}: a pickle (torch.save) file, which can run code when read; "
                              f"lowrank reads adapters through safetensors only. Convert it once, trusting its source: "
                              f"safetensors.torch.save_file(torch.load(path, weights_only=True), '{WEIGHTS_NAME}')")
         raise FileNotFoundError(f"{weights_file}: no adapter weights in {folder}")
-    try:
-        config = config_from_dict(json.loads(config_file.read_text()), source=str(config_file))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{config_file}: {e}") from None
+    config = read_adapter_config(config_file)
     try:
         tensors = load_file(weights_file)
     except Exception as e:  # safetensors raises its own error type for a damaged file
-        raise ValueError(f"{weights_file}: not a readable safetensors file: {e}") from None
+        raise CheckpointError(f"{weights_file}: not a readable safetensors file: {e}") from None
     return config, tensors, config_file, weights_file
+
+
+def read_adapter_config(file: Path):
+    """The PEFT config in an adapter_config.json; CheckpointError naming the file for anything invalid."""
+    try:
+        return config_from_dict(read_json_object(file), source=str(file))
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from None
 
 
 def match_tensors(tensors: dict, expected: dict, source) -> dict:
@@ -131,5 +138,5 @@ def match_tensors(tensors: dict, expected: dict, source) -> dict:
                  if not t.is_floating_point()]
     if problems:
         more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
-        raise ValueError(f"{source}: " + "; ".join(problems[:8]) + more)
+        raise CheckpointError(f"{source}: " + "; ".join(problems[:8]) + more)
     return found

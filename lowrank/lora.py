@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .checks import is_count, is_number
+from .files import checked_name
 
 BASE = "__base__"  # the adapter name of rows that take the base layer alone in a mixed batch
 
@@ -77,7 +79,14 @@ class LoraLayer(nn.Module):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights=True, use_rslora: bool = False, dtype=None) -> None:
         """Add an adapter: lora_A (r, in) and lora_B (out, r) on the base weight's device, in `dtype`
-        (default: the base weight's)."""
+        (default: the base weight's). Every argument is checked before the layer changes."""
+        checked_name(adapter_name, "adapter name")
+        if not is_count(r):
+            raise ValueError(f"r={r!r} must be an integer >= 1")
+        if not is_number(lora_alpha):
+            raise ValueError(f"lora_alpha={lora_alpha!r} must be a finite number")
+        if not (is_number(lora_dropout) and 0.0 <= lora_dropout < 1.0):
+            raise ValueError(f"lora_dropout={lora_dropout!r} must be in [0, 1)")
         weight = self.base_layer.weight
         factory = dict(device=weight.device, dtype=dtype or weight.dtype)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
@@ -90,6 +99,8 @@ class LoraLayer(nn.Module):
     def set_scale(self, adapter: str, scale: float) -> None:
         """scaling = scale * (lora_alpha / r, or / sqrt(r) with rsLoRA), as PEFT's set_scale. A layer
         without this adapter ignores the call."""
+        if not is_number(scale):
+            raise ValueError(f"scale={scale!r} must be a finite number")
         if adapter not in self.scaling:
             return
         if adapter in self.merged_adapters:

@@ -15,7 +15,10 @@ import torch
 from torch import nn
 
 from . import io, prompts
+from .checks import is_count, is_number
 from .config import PromptLearningConfig
+from .errors import CheckpointError
+from .files import checked_name
 from .lora import BASE, LoraLayer, ModulesToSaveWrapper, base_modules, combine_adapters
 from .targets import find_modules_to_save, resolve_config
 
@@ -150,6 +153,7 @@ class PeftModel(nn.Module):
     def add_adapter(self, adapter_name: str, peft_config) -> None:
         """Add a new adapter (inactive unless it is the first): LoRA layers, or a soft prompt's encoder.
         Everything is checked before the model changes."""
+        checked_name(adapter_name, "adapter name")
         if adapter_name in self.peft_config or adapter_name == BASE:
             raise ValueError(f"adapter name {adapter_name!r} is taken")
         if isinstance(peft_config, PromptLearningConfig) != self._soft_prompts:
@@ -284,6 +288,10 @@ class PeftModel(nn.Module):
         self._check_names(adapters)
         if len(weights) != len(adapters):
             raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+        if not all(is_number(w) for w in weights):
+            raise ValueError(f"weights={list(weights)!r} must be finite numbers")
+        if svd_rank is not None and not is_count(svd_rank):
+            raise ValueError(f"svd_rank={svd_rank!r} must be None (the largest rank) or an integer >= 1")
         if combination_type not in ("svd", "linear", "cat"):
             raise ValueError(f"combination_type={combination_type!r} must be 'svd', 'linear' or 'cat'")
         configs = [self.peft_config[a] for a in adapters]
@@ -328,10 +336,11 @@ class PeftModel(nn.Module):
 
     def save_pretrained(self, save_directory, selected_adapters=None) -> None:
         """adapter_config.json + adapter_model.safetensors per adapter, PEFT's format; adapters other than
-        "default" go into a subfolder named after them. Each file is written atomically."""
+        "default" go into a subfolder named after them. Each adapter's two files are written as one change of
+        its folder (files.write_folder)."""
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         self._check_names(names)
-        for name in names:
+        for name in names:  # names were checked when the adapters were added: each stays inside save_directory
             folder = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = replace(self.peft_config[name], inference_mode=True)
             io.write_adapter(folder, config.to_dict(), self.adapter_tensors(name))
@@ -347,6 +356,7 @@ class PeftModel(nn.Module):
 
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False) -> None:
         """Add the adapter saved at `model_id` under `adapter_name` (not activated, as in PEFT)."""
+        checked_name(adapter_name, "adapter name")
         config, tensors = _read_checked(self.get_base_model(), model_id, is_trainable)
         self.add_adapter(adapter_name, config)
         self._copy_in(adapter_name, tensors)
@@ -375,7 +385,7 @@ def _read_checked(model: nn.Module, model_id, is_trainable: bool) -> tuple:
                 resolved, plan = resolve_config(model, config)
             expected = io.expected_shapes(model, plan, find_modules_to_save(model, resolved), resolved.bias)
     except ValueError as e:
-        raise ValueError(f"{config_file}: {e}") from None
+        raise CheckpointError(f"{config_file}: {e}") from None
     return config, io.match_tensors(tensors, expected, weights_file)
 
 

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,11 +34,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from .models.loading import atomic_write
-
 from . import distributed
+from .checks import check_at_least, check_types
 from .config import PromptEncoderConfig, PromptTuningConfig, is_encoder_decoder
 from .data import collate, label_tokens
+from .errors import CheckpointError, ConfigError
+from .files import atomic_write, finish_interrupted_write
 
 SCHEDULES = ("linear", "cosine", "constant")
 MIXED_PRECISION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,26 +72,22 @@ class TrainingConfig:
     shuffle: bool = True
     eval_steps: Optional[int] = None
     save_steps: Optional[int] = None
-    device: Optional[str] = None
+    device: Optional[Union[str, torch.device]] = None
     progress: bool = True
 
     def __post_init__(self):
-        positive = {"batch_size": self.batch_size, "gradient_accumulation_steps": self.gradient_accumulation_steps,
-                    "max_steps": self.max_steps, "eval_steps": self.eval_steps, "save_steps": self.save_steps}
-        for name, value in positive.items():
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"TrainingConfig: {name}={value!r} must be an integer >= 1")
-        if not self.num_epochs > 0:
-            raise ValueError(f"TrainingConfig: num_epochs={self.num_epochs!r} must be > 0")
-        if not self.learning_rate > 0:
-            raise ValueError(f"TrainingConfig: learning_rate={self.learning_rate!r} must be > 0")
-        if self.warmup_steps < 0:
-            raise ValueError(f"TrainingConfig: warmup_steps={self.warmup_steps!r} must be >= 0")
+        check_types(self)
+        self.device = None if self.device is None else str(self.device)
+        check_at_least(self, ("batch_size", "gradient_accumulation_steps", "max_steps", "eval_steps", "save_steps"), 1)
+        check_at_least(self, ("warmup_steps", "weight_decay", "adam_epsilon", "max_grad_norm"), 0)
+        for name in ("num_epochs", "learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"TrainingConfig: {name}={getattr(self, name)!r} must be > 0")
         if self.lr_scheduler_type not in SCHEDULES:
-            raise ValueError(f"TrainingConfig: lr_scheduler_type={self.lr_scheduler_type!r} is not one of {SCHEDULES}")
+            raise ConfigError(f"TrainingConfig: lr_scheduler_type={self.lr_scheduler_type!r} is not one of {SCHEDULES}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"TrainingConfig: mixed_precision={self.mixed_precision!r} is not one of "
-                             f"{list(MIXED_PRECISION)}")
+            raise ConfigError(f"TrainingConfig: mixed_precision={self.mixed_precision!r} is not one of "
+                              f"{list(MIXED_PRECISION)}")
 
 
 def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
@@ -318,21 +315,28 @@ class Trainer:
         """Restore what save_checkpoint wrote. Every file is read and checked before anything changes."""
         folder = Path(folder)
         files = self._checkpoint_files(folder)
+        if folder.is_dir():
+            finish_interrupted_write(folder)
         for file in files:
             if not file.is_file():
                 raise FileNotFoundError(f"{file}: not found; {folder} is not a complete checkpoint")
-        tensors = load_file(files[0])
+        try:
+            tensors = load_file(files[0])
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            raise CheckpointError(f"{files[0]}: not a readable safetensors file (truncated?): {e}") from None
         problems = sorted(set(tensors) ^ set(self.params))
         problems += [n for n in set(tensors) & set(self.params) if tensors[n].shape != self.params[n].shape]
         if problems:
-            raise ValueError(f"{files[0]}: does not match the model's trainable parameters: {problems[:5]}")
-        state = torch.load(files[1], weights_only=True)
-        rng = torch.load(files[2], weights_only=True)
+            raise CheckpointError(f"{files[0]}: does not match the model's trainable parameters: {problems[:5]}")
+        state = _read_state(files[1], ("step", "data_order", "optimizer", "scheduler", "scaler", "history"))
+        rng = _read_state(files[2], ("cpu", "cuda"))
+        if not isinstance(state["step"], int) or not isinstance(state["data_order"], dict):
+            raise CheckpointError(f"{files[1]}: step or data_order has the wrong type")
         if state["step"] > self.total_steps:
-            raise ValueError(f"{files[1]}: step {state['step']} is past this run's {self.total_steps} steps")
+            raise CheckpointError(f"{files[1]}: step {state['step']} is past this run's {self.total_steps} steps")
         changed = {k: (v, self._data_order()[k]) for k, v in state["data_order"].items() if v != self._data_order()[k]}
         if changed:
-            raise ValueError(f"{files[1]}: the run differs from the checkpoint's in what orders the data, so it "
+            raise CheckpointError(f"{files[1]}: the run differs from the checkpoint's in what orders the data, so it "
                              f"cannot continue it exactly: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
         self.optimizer.load_state_dict(state["optimizer"])  # checks the parameter groups before it changes
         self.scheduler.load_state_dict(state["scheduler"])
@@ -344,6 +348,20 @@ class Trainer:
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
+def _read_state(file: Path, keys) -> dict:
+    """A torch.save'd dict of tensors and numbers, read with weights_only=True (nothing is unpickled but
+    those), holding `keys`; CheckpointError naming the file when it is truncated or not such a dict."""
+    try:
+        state = torch.load(file, weights_only=True)
+    except Exception as e:  # a truncated zip, or an object weights_only refuses
+        raise CheckpointError(f"{file}: not a readable training state (truncated or not written by lowrank): "
+                              f"{' '.join(str(e).split())[:200]}") from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{file}: missing {missing}")
+    return state
 
 
 def train(model: nn.Module, train_data: list, config: Optional[TrainingConfig] = None, eval_data=None,

@@ -63,6 +63,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample
     pad_token_id (default: the first eos id); generation stops when every row has finished. eos_token_id
     defaults to model.config.eos_token_id, as in transformers. seed makes sampling reproducible (a
     private torch.Generator)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)

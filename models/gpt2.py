@@ -4,14 +4,17 @@ Parameters are named as in transformers' state dict (`transformer.h.0.attn.c_att
 so a checkpoint loads by name and a PEFT adapter key maps 1:1 onto a module.
 """
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from .activations import ACTIVATIONS
+from .config import ModelConfig
+from .inputs import check_inputs, check_mask, check_positions, check_token_ids
 from .outputs import ModelOutput
 
 
@@ -20,7 +23,7 @@ _IGNORED_KEY_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".crossattention.bia
 
 
 @dataclass
-class GPT2Config:
+class GPT2Config(ModelConfig):
     """transformers' GPT2Config fields and defaults; `extra` keeps unknown config.json keys."""
 
     vocab_size: int = 50257
@@ -46,32 +49,25 @@ class GPT2Config:
     extra: dict = field(default_factory=dict)
 
     model_type = "gpt2"
+    architecture = "GPT2LMHeadModel"
+    sizes = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
+    rates = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+    positive = ("layer_norm_epsilon",)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.n_embd % self.n_head:
-            raise ValueError(f"GPT2Config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+            raise ConfigError(f"GPT2Config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.activation_function not in ACTIVATIONS:
-            raise ValueError(f"GPT2Config: activation_function={self.activation_function!r} "
-                             f"is not one of {sorted(ACTIVATIONS)}")
+            raise ConfigError(f"GPT2Config: activation_function={self.activation_function!r} "
+                              f"is not one of {sorted(ACTIVATIONS)}")
         if self.add_cross_attention:
-            raise ValueError("GPT2Config: add_cross_attention=True (GPT-2 with cross-attention) is not supported")
+            raise ConfigError("GPT2Config: add_cross_attention=True (GPT-2 with cross-attention) is not supported")
 
     # transformers' generic attribute names, used by PEFT-style code that handles several models.
     hidden_size = property(lambda self: self.n_embd)
     num_attention_heads = property(lambda self: self.n_head)
     num_hidden_layers = property(lambda self: self.n_layer)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPT2Config":
-        names = {f.name for f in fields(cls)} - {"extra"}
-        extra = {k: v for k, v in d.items() if k not in names and k not in ("model_type", "architectures")}
-        return cls(**{k: v for k, v in d.items() if k in names}, extra=extra)
-
-    def to_dict(self) -> dict:
-        """config.json content that transformers loads as a GPT2LMHeadModel."""
-        d = asdict(self)
-        extra = d.pop("extra")
-        return {**extra, **d, "model_type": self.model_type, "architectures": ["GPT2LMHeadModel"]}
 
 
 class Conv1D(nn.Module):
@@ -265,6 +261,7 @@ def causal_lm_loss(logits, labels):
 
 class GPT2LMHeadModel(nn.Module):
     config_class = GPT2Config
+    checkpoint_layers = {"n_layer": r"(?:transformer\.)?h\.(\d+)\."}  # models.loading.check_layer_count
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -300,22 +297,24 @@ class GPT2LMHeadModel(nn.Module):
         """input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, T_past + T), 1 = real token;
         position_ids (B, T), default T_past + arange(T); past_key_values: see `ConcatCache`;
         labels (B, T). Returns logits (B, T, V), loss, and the extended cache when use_cache."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        c = self.config
+        B, T = check_inputs(input_ids, inputs_embeds, c.vocab_size, c.n_embd)
+        check_positions(position_ids, c.n_positions, B, T)
+        for name, ids in (("token_type_ids", token_type_ids), ("labels", labels)):
+            check_mask(ids, name, (B, T), "batch, sequence")
+        if token_type_ids is not None:
+            check_token_ids(token_type_ids, "token_type_ids", c.vocab_size)
+        if labels is not None:
+            check_token_ids(labels, "labels", c.vocab_size, allowed=(-100,))
         past_key_values = past_key_values or None
-        cache = ConcatCache(past_key_values, self.config.n_layer) if use_cache or past_key_values else None
+        cache = ConcatCache(past_key_values, c.n_layer) if use_cache or past_key_values else None
         n_past = cache.length if cache is not None else 0
         self._check_length(n_past, T)
         device = self.lm_head.weight.device
         if position_ids is None:
             position_ids = torch.arange(n_past, n_past + T, device=device)[None]
+        check_mask(attention_mask, "attention_mask", (B, n_past + T), f"batch, {n_past} past + {T} new tokens")
         if attention_mask is not None:
-            if attention_mask.shape != (B, n_past + T):
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, n_past + T)} "
-                    f"(batch, {n_past} past + {T} new tokens)"
-                )
             if attention_mask.all():
                 attention_mask = None  # lets SDPA take its fused causal path
         attn_mask, is_causal = attention_mask_for(attention_mask, T, n_past + T, device)
@@ -341,14 +340,10 @@ class GPT2LMHeadModel(nn.Module):
         Position ids count real keys only (cumsum(mask) - 1, clamped at 0), as transformers' generate does,
         so the tokens sit at positions P.. as in `forward`.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        B, T = check_inputs(input_ids, inputs_embeds, self.config.vocab_size, self.config.n_embd)
         P = past_length(past_key_values, self.config.n_layer)
         self._check_length(P, T)
-        if attention_mask is not None and attention_mask.shape != (B, P + T):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, P + T)} "
-                             f"(batch, {P} prefix + {T} new tokens)")
+        check_mask(attention_mask, "attention_mask", (B, P + T), f"batch, {P} prefix + {T} new tokens")
         weight = self.lm_head.weight
         key_mask = attention_mask if attention_mask is not None and not attention_mask.all() else None
         if key_mask is None:

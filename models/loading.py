@@ -1,6 +1,7 @@
 """Checkpoints in and out: config.json + model.safetensors (or shards), never pickle.
 
-A model class provides three hooks: `config_class` (with from_dict/to_dict),
+A model class provides four hooks: `config_class` (a models.config.ModelConfig), `checkpoint_layers`
+({config field: regex of a file key's layer index}, checked before anything is built),
 `normalize_checkpoint(tensors, config) -> state dict` (file keys -> its own keys) and
 `checkpoint_state_dict()` (what to write). Everything is validated before the model is built,
 so a failed load leaves nothing half-loaded.
@@ -8,13 +9,16 @@ so a failed load leaves nothing half-loaded.
 import contextlib
 import importlib
 import json
-import os
-import uuid
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from ..errors import CheckpointError
+from ..files import finish_interrupted_write, inside, read_json_object, write_folder
+from .config import dtype_named
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -29,8 +33,8 @@ MODEL_TYPES = {
 
 def model_class(model_type, source):
     """The model class registered for config.json's model_type; imported only when asked for."""
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"{source}: unknown model_type {model_type!r}; supported: {sorted(MODEL_TYPES)}")
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
+        raise CheckpointError(f"{source}: unknown model_type {model_type!r}; supported: {sorted(MODEL_TYPES)}")
     module, name = MODEL_TYPES[model_type]
     return getattr(importlib.import_module(f".{module}", __package__), name)
 
@@ -39,10 +43,7 @@ def read_config(path: Path) -> dict:
     file = path / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no config.json in {path}")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from e
+    return read_json_object(file)
 
 
 def _read_safetensors(file: Path, keys=None) -> dict:
@@ -54,10 +55,10 @@ def _read_safetensors(file: Path, keys=None) -> dict:
             present = set(f.keys())
             absent = sorted(set(keys or ()) - present)
             if absent:
-                raise ValueError(f"{file}: keys listed in the shard index are absent: {absent[:5]}")
+                raise CheckpointError(f"{file}: keys listed in the shard index are absent: {absent[:5]}")
             return {k: f.get_tensor(k) for k in (keys if keys is not None else present)}
     except SafetensorError as e:
-        raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+        raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
 def read_checkpoint(path: Path):
@@ -66,24 +67,37 @@ def read_checkpoint(path: Path):
     if single.is_file():
         return _read_safetensors(single), single
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map' object")
+            raise CheckpointError(f"{index}: no 'weight_map' object")
         shards = {}
         for key, shard in weight_map.items():
-            shards.setdefault(shard, []).append(key)
+            shards.setdefault(inside(path, shard, f"{index}: weight_map[{key!r}]"), []).append(key)
         tensors = {}
         for shard, keys in shards.items():
-            tensors.update(_read_safetensors(path / shard, keys))
+            tensors.update(_read_safetensors(shard, keys))
         return tensors, index
     pickles = [name for name in PICKLE_NAMES if (path / name).is_file()]
     if pickles:
-        raise ValueError(
+        raise CheckpointError(
             f"{path / pickles[0]}: pickle checkpoints are refused (loading one can run arbitrary code). "
             f"Convert once, where you trust the file: transformers.AutoModelForCausalLM (or "
             f"AutoModelForSeq2SeqLM for T5).from_pretrained(path).save_pretrained(path) writes {WEIGHTS_NAME}."
         )
     raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
+
+
+def check_layer_count(cls, config, tensors: dict, source) -> None:
+    """The checkpoint holds layers 0..n-1 for each config field cls.checkpoint_layers names ({field: regex
+    whose group 1 is the layer index in a file key}); checked before the model is built, so a config.json
+    asking for a million layers fails at once instead of building them."""
+    for name, pattern in cls.checkpoint_layers.items():
+        found = {int(m.group(1)) for key in tensors if (m := re.match(pattern, key))}
+        expected = getattr(config, name)
+        if len(found) != expected or found != set(range(expected)):
+            held = f"layers {min(found)}..{max(found)} ({len(found)} distinct)" if found else "no layers"
+            raise CheckpointError(f"{source}: config.json says {name}={expected}, the file holds {held} "
+                                  f"(keys matching {pattern!r})")
 
 
 def validate_state_dict(state: dict, expected: dict, source) -> None:
@@ -97,16 +111,15 @@ def validate_state_dict(state: dict, expected: dict, source) -> None:
             problems.append(f"key {k!r} has dtype {state[k].dtype}, expected a floating-point dtype")
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise ValueError(f"{source}: checkpoint does not match the model:\n  {shown}")
+        raise CheckpointError(f"{source}: checkpoint does not match the model:\n  {shown}")
 
 
 def resolve_dtype(dtype):
-    """None (keep the file's dtypes), a torch floating dtype, or its name ("bfloat16")."""
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."), None)
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating-point torch dtype or its name, got {dtype!r}")
-    return dtype
+    """None (keep the file's dtypes), a torch floating dtype, or its name ("bfloat16"); ValueError naming
+    anything else ("float33", torch.int8)."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    return dtype_named(dtype, "dtype")
 
 
 def _tied_names(model) -> list[list[str]]:
@@ -147,15 +160,18 @@ def from_pretrained(path, dtype=None, device=None):
     The model is returned in eval mode, as transformers does.
     """
     path = Path(path)
+    dtype = resolve_dtype(dtype)
+    if path.is_dir():
+        finish_interrupted_write(path)
     raw = read_config(path)
     cls = model_class(raw.get("model_type"), path / CONFIG_NAME)
-    config = cls.config_class.from_dict(raw)
-    dtype = resolve_dtype(dtype)
+    config = cls.config_class.from_dict(raw, source=path / CONFIG_NAME)
     tensors, source = read_checkpoint(path)
+    check_layer_count(cls, config, tensors, source)
     try:
         state = cls.normalize_checkpoint(tensors, config)
     except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise CheckpointError(f"{source}: {e}") from None
     with torch.device("meta"), _initialisers_skipped():
         model = cls(config)
     validate_state_dict(state, model.state_dict(), source)
@@ -173,27 +189,14 @@ def from_pretrained(path, dtype=None, device=None):
     return model.eval()
 
 
-def atomic_write(file: Path, write) -> None:
-    """Call write(tmp_path) for a temporary file in file's folder, then rename it over file."""
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_pretrained(model, path) -> None:
-    """Write config.json and model.safetensors (metadata {"format": "pt"}) that transformers loads."""
+    """Write config.json and model.safetensors (metadata {"format": "pt"}) that transformers loads, as one
+    change of the folder (lowrank.files.write_folder): a crash leaves the old pair or the new one."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in model.checkpoint_state_dict().items()}
     config = model.config.to_dict()
     config.pop("torch_dtype", None)
     config["dtype"] = str(next(t.dtype for t in tensors.values() if t.is_floating_point())).removeprefix("torch.")
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    write_folder(path, {WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+                        CONFIG_NAME: lambda tmp: Path(tmp).write_text(text)})

@@ -5,19 +5,22 @@ relative-position bias shared by all layers of a stack (Raffel et al. 2020). The
 FORMATS.md section B; parameter names equal `T5ForConditionalGeneration`'s state-dict names.
 """
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from .activations import ACTIVATIONS
+from .config import ModelConfig
+from .inputs import check_inputs, check_mask, check_token_ids
 from .outputs import ModelOutput
 
 
 @dataclass
-class T5Config:
+class T5Config(ModelConfig):
     """transformers' T5Config fields and defaults; `extra` keeps unknown config.json keys."""
 
     vocab_size: int = 32128
@@ -42,7 +45,16 @@ class T5Config:
     decoder_start_token_id: Optional[int] = None  # None: pad_token_id
     extra: dict = field(default_factory=dict, repr=False)
 
+    model_type = "t5"
+    architecture = "T5ForConditionalGeneration"
+    sizes = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+             "relative_attention_num_buckets", "relative_attention_max_distance")
+    rates = ("dropout_rate",)
+    positive = ("layer_norm_epsilon",)
+    derived = frozenset({"dense_act_fn", "is_gated_act"})
+
     def __post_init__(self):
+        super().__post_init__()
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
         if self.scale_decoder_outputs is None:
@@ -51,8 +63,8 @@ class T5Config:
             self.decoder_start_token_id = self.pad_token_id
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated") or self.dense_act_fn not in ACTIVATIONS:
-            raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: expected ACT or 'gated-ACT' "
-                             f"with ACT one of {sorted(ACTIVATIONS)}")
+            raise ConfigError(f"T5Config: feed_forward_proj={self.feed_forward_proj!r}: expected ACT or 'gated-ACT' "
+                              f"with ACT one of {sorted(ACTIVATIONS)}")
 
     @property
     def is_gated_act(self) -> bool:
@@ -63,20 +75,8 @@ class T5Config:
         # transformers maps "gated-gelu" to the tanh approximation, plain "gelu" to exact erf
         return "gelu_new" if self.feed_forward_proj == "gated-gelu" else self.feed_forward_proj.split("-")[-1]
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "T5Config":
-        names = {f.name for f in fields(cls)} - {"extra"}
-        derived = {"dense_act_fn", "is_gated_act", "model_type", "architectures"}
-        known = {k: v for k, v in d.items() if k in names}
-        extra = {k: v for k, v in d.items() if k not in names and k not in derived}
-        return cls(**known, extra=extra)
-
-    def to_dict(self) -> dict:
-        """config.json contents that transformers loads as the same model."""
-        d = asdict(self)
-        extra = d.pop("extra")
-        return {**extra, **d, "dense_act_fn": self.dense_act_fn, "is_gated_act": self.is_gated_act,
-                "model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}
+    def derived_fields(self) -> dict:
+        return {"dense_act_fn": self.dense_act_fn, "is_gated_act": self.is_gated_act}
 
 
 def relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance):
@@ -230,22 +230,23 @@ class T5Stack(nn.Module):
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None,
                 encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None):
         """Returns hidden states (B, T, d_model) after the final norm, and the per-layer K/V."""
-        if (input_ids is None) == (inputs_embeds is None):
-            which = "decoder_input_ids, decoder_inputs_embeds or labels" if self.is_decoder else \
-                "input_ids, inputs_embeds or encoder_outputs"
-            raise ValueError(f"T5: pass exactly one of {which}")
+        names = ("decoder_input_ids", "decoder_inputs_embeds") if self.is_decoder else ("input_ids", "inputs_embeds")
+        B, T = check_inputs(input_ids, inputs_embeds, self.embed_tokens.num_embeddings,
+                            self.embed_tokens.embedding_dim, names)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        T, dev = x.shape[1], x.device
+        dev = x.device
         past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
+        mask_name = "decoder_attention_mask" if self.is_decoder else "attention_mask"
+        check_mask(attention_mask, mask_name, (B, past_len + T), f"batch, {past_len} past + {T} new tokens")
+        if encoder_hidden_states is not None:
+            check_mask(encoder_attention_mask, "attention_mask", encoder_hidden_states.shape[:2],
+                       "batch, encoder tokens")
         query_pos = torch.arange(past_len, past_len + T, device=dev)
         key_pos = torch.arange(past_len + T, device=dev)
         bias = self.block[0].layer[0].SelfAttention.compute_bias(query_pos, key_pos).to(x.dtype)
         if self.is_decoder:
             bias = bias.masked_fill(key_pos[None, :] > query_pos[:, None], torch.finfo(x.dtype).min)
         if attention_mask is not None:
-            if attention_mask.shape[1] != past_len + T:
-                raise ValueError(f"T5: attention_mask covers {attention_mask.shape[1]} keys, expected "
-                                 f"{past_len + T} (past {past_len} + new {T})")
             bias = _mask_keys(bias, attention_mask)
         cross_bias = 0.0
         if encoder_attention_mask is not None:
@@ -282,6 +283,8 @@ class T5ForConditionalGeneration(nn.Module):
     """
 
     config_class = T5Config
+    checkpoint_layers = {"num_layers": r"encoder\.block\.(\d+)\.",  # models.loading.check_layer_count
+                         "num_decoder_layers": r"decoder\.block\.(\d+)\."}
 
     def __init__(self, config: T5Config):
         super().__init__()
@@ -327,6 +330,8 @@ class T5ForConditionalGeneration(nn.Module):
         (mean CE over labels != -100, no shift), past_key_values if use_cache, encoder_last_hidden_state."""
         if encoder_outputs is None:
             encoder_outputs, _ = self.encoder(input_ids, inputs_embeds, attention_mask)
+        if labels is not None:
+            check_token_ids(labels, "labels", self.config.vocab_size, allowed=(-100,))
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
         y, past = self.decoder(decoder_input_ids, decoder_inputs_embeds, decoder_attention_mask,

@@ -184,6 +184,11 @@ def test_info_prints_config_and_parameter_counts(gpt2_dir, gpt2_adapter, capsys)
     (["generate", "{model}", "--prompt", ""], "--prompt '' encodes to no tokens"),
     (["finetune", "{model}", "{tmp}/empty.jsonl", "--output-dir", "{tmp}", "--method", "prompt",
       "--num-virtual-tokens", "8", "--max-length", "32"], "--max-length 32 does not fit: the model holds n_positions=32"),
+    (["info", "{tmp}/badadapter"], "badadapter/adapter_config.json: expected a JSON object, got list"),
+    (["info", "{tmp}/badadapter2"], "badadapter2/adapter_config.json: LoraConfig: use_rslora='false' must be true"),
+    (["finetune", "{tmp}/badconfig", "{tmp}/empty.jsonl", "--output-dir", "{tmp}/o"],
+     "badconfig/config.json: GPT2Config: n_embd=33 is not divisible by n_head=4"),
+    (["generate", "{model}", "--prompt", "one", "--adapter", "{tmp}/badadapter"], "expected a JSON object"),
     *([] if torch.cuda.is_available() else
       [(["generate", "{model}", "--prompt", "one", "--device", "cuda"], "--device cuda: no CUDA device is available")]),
 ])
@@ -195,6 +200,13 @@ def test_bad_files_and_values_give_one_line_and_exit_1(gpt2_dir, tmp_path, capsy
         (folder / "config.json").write_text((gpt2_dir / "config.json").read_text())
         (folder / "model.safetensors").write_bytes((gpt2_dir / "model.safetensors").read_bytes()[weights])
         (folder / "tokenizer.json").write_text("{not json")
+    for name, config in [("badadapter", []), ("badadapter2", {"peft_type": "LORA", "use_rslora": "false"})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "badconfig").mkdir()
+    config = json.loads((gpt2_dir / "config.json").read_text())
+    (tmp_path / "badconfig" / "config.json").write_text(json.dumps({**config, "n_embd": 33}))
     code, out, err = run(capsys, *(a.format(model=gpt2_dir, tmp=tmp_path) for a in argv))
     assert code == 1 and out == "" and err.count("\n") == 1 and message in err
     assert err.startswith(f"lowrank {argv[0]}: error: ")
@@ -202,11 +214,23 @@ def test_bad_files_and_values_give_one_line_and_exit_1(gpt2_dir, tmp_path, capsy
 
 @pytest.mark.parametrize("argv", [[], ["finetune"], ["train", "x"], ["info", "a", "b"], ["generate", "m"],
                                   ["finetune", "m", "d", "--output-dir", "o", "--r", "four"],
-                                  ["generate", "m", "--prompt", "x", "--max-new-tokens", "-1"]])
+                                  ["generate", "m", "--prompt", "x", "--max-new-tokens", "-1"],
+                                  ["finetune", "m", "d", "--output-dir", "o", "--max-length", "0"]])
 def test_bad_arguments_exit_2_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2 and "usage: lowrank" in capsys.readouterr().err
+
+
+def test_an_unexpected_error_is_one_line_too(gpt2_dir, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("something\ninside broke")
+    monkeypatch.setattr(models, "from_pretrained", broken)
+    code, out, err = run(capsys, "generate", gpt2_dir, "--prompt", "one")
+    assert code == 1 and err == "lowrank generate: error: RuntimeError: something inside broke\n"
+    monkeypatch.setenv("LOWRANK_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="inside broke"):
+        main(["generate", str(gpt2_dir), "--prompt", "one"])
 
 
 @pytest.mark.parametrize("module", ["lowrank", "lowrank.cli"])

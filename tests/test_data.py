@@ -16,7 +16,7 @@ def tokenizer(tmp_path_factory):
 
 
 def write(path, text):
-    path.write_text(text)
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     return path
 
 
@@ -101,6 +101,8 @@ def test_over_long_examples_are_refused_or_truncated(prompt_file, tokenizer):
     ("bad.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a",}\n', r"bad.jsonl, line 2, column 16: not valid JSON"),
     ("list.jsonl", '["a", "b"]\n', r"list.jsonl, line 1: expected a JSON object, got list"),
     ("data.parquet", "x", r"data.parquet: unknown data format '.parquet'"),
+    ("latin1.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9"}\n',
+     r"latin1.jsonl, line 2: not UTF-8 text \(byte 0xe9 at offset 50\)"),
 ])
 def test_bad_files_name_file_line_and_column(tmp_path, tokenizer, name, text, message):
     with pytest.raises(ValueError, match=message):

@@ -144,3 +144,21 @@ def test_greedy_and_degenerate_sampling_agree():
 def test_sampling_rejects_bad_arguments(bad, match):
     with pytest.raises(ValueError, match=match):
         sample_next(torch.randn(2, 5), do_sample=True, **bad)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(max_new_tokens=-1), ValueError, "max_new_tokens=-1 must be an integer >= 0"),
+    (dict(max_new_tokens=2.5), ValueError, "max_new_tokens=2.5"),
+    (dict(max_new_tokens=True), ValueError, "max_new_tokens=True"),
+    (dict(input_ids=[[1, 2]]), TypeError, "input_ids must be a torch.Tensor"),
+    (dict(input_ids=torch.tensor([[1, VOCAB]])), ValueError, rf"input_ids\[0, 1\] = {VOCAB} is outside the vocabulary"),
+    (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), ValueError, r"shape \(1, 0\)"),
+])
+def test_bad_generate_arguments_are_refused_by_name(model, bad, error, match):
+    with pytest.raises(error, match=match):
+        generate(model, **{"input_ids": torch.tensor([[1, 2]]), "max_new_tokens": 3, **bad})
+
+
+def test_zero_new_tokens_returns_the_prompt(model):
+    ids = torch.tensor([[1, 2]])
+    assert torch.equal(generate(model, ids, max_new_tokens=0), ids)

@@ -2,12 +2,15 @@
 
 Agreement with transformers' GPT-2 is in tests/interop/test_gpt2_transformers.py.
 """
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, note
 from hypothesis import strategies as st
 
+from lowrank.errors import ConfigError
 from lowrank.models.gpt2 import Conv1D, GPT2Config, GPT2LMHeadModel
 
 from .helpers import assert_close_rel as assert_close
@@ -62,10 +65,36 @@ def test_config_round_trips_unknown_keys_and_names_the_model_type():
 
 
 @pytest.mark.parametrize("bad, field", [(dict(n_embd=30), "n_embd"), (dict(activation_function="gelu_x"), "activation_function"),
-                                        (dict(add_cross_attention=True), "add_cross_attention")])
+                                        (dict(add_cross_attention=True), "add_cross_attention"),
+                                        (dict(n_layer=0), "n_layer=0 must be >= 1"), (dict(n_head=-2), "n_head=-2"),
+                                        (dict(n_embd="32"), "n_embd='32' must be an integer"),
+                                        (dict(n_layer=2.0), "n_layer=2.0"), (dict(attn_pdrop=1.0), "attn_pdrop=1.0"),
+                                        (dict(scale_attn_weights="true"), "scale_attn_weights='true' must be true or false"),
+                                        (dict(layer_norm_epsilon=0.0), "layer_norm_epsilon=0.0 must be > 0"),
+                                        (dict(extra={"dtype": "float33"}), "dtype='float33'")])
 def test_config_rejects_bad_values_naming_the_field(bad, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ConfigError, match=re.escape(field)):
         GPT2Config(**{**TINY, **bad})
+
+
+@pytest.mark.parametrize("inputs, error, message", [
+    (dict(input_ids=torch.tensor([[1, 50]])), ValueError, r"input_ids\[0, 1\] = 50 is outside the vocabulary \[0, 50\)"),
+    (dict(input_ids=torch.tensor([[-1]])), ValueError, r"input_ids\[0, 0\] = -1"),
+    (dict(input_ids=torch.zeros(0, 3, dtype=torch.long)), ValueError, r"shape \(0, 3\): needs at least one row"),
+    (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), ValueError, r"shape \(2, 0\)"),
+    (dict(input_ids=torch.tensor([[1.0, 2.0]])), TypeError, "input_ids must hold integer token ids"),
+    (dict(input_ids=torch.tensor([1, 2])), ValueError, r"input_ids has shape \(2,\): expected \(batch, sequence\)"),
+    (dict(input_ids=[[1, 2]]), TypeError, "input_ids must be a torch.Tensor"),
+    (dict(inputs_embeds=torch.zeros(1, 2, 31)), ValueError, r"inputs_embeds has shape \(1, 2, 31\)"),
+    (dict(input_ids=torch.tensor([[1, 2]]), position_ids=torch.tensor([[47, 48]])), ValueError,
+     r"position_ids holds 47..48, outside \[0, n_positions=48\)"),
+    (dict(input_ids=torch.tensor([[1, 2]]), token_type_ids=torch.tensor([[0, 99]])), ValueError, "token_type_ids"),
+    (dict(input_ids=torch.tensor([[1, 2]]), labels=torch.tensor([[1, 2, 3]])), ValueError, r"labels has shape \(1, 3\)"),
+    (dict(input_ids=torch.tensor([[1, 2]]), labels=torch.tensor([[-100, 50]])), ValueError, r"labels\[0, 1\] = 50"),
+])
+def test_bad_inputs_raise_naming_the_argument_and_value(model, inputs, error, message):
+    with pytest.raises(error, match=message):
+        model(**inputs)
 
 
 @given(batch=st.integers(1, 3), prompt=st.integers(1, 12), steps=st.integers(1, 6), seed=st.integers(0, 2**16))

@@ -2,6 +2,7 @@
 an error naming the file, key and shapes at fault, before any weight is assigned."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lowrank import models
+from lowrank.errors import CheckpointError, ConfigError
 from lowrank.models import loading
 from lowrank.models.gpt2 import GPT2Config, GPT2LMHeadModel
 
@@ -225,3 +227,40 @@ def test_missing_tokenizer_file_or_library_is_reported(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)
     with pytest.raises(ImportError, match="pip install tokenizers"):
         models.load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("edit, error, message", [
+    (lambda c: c.update(n_layer=-1), ConfigError, "config.json: GPT2Config: n_layer=-1 must be >= 1"),
+    (lambda c: c.update(n_layer=3), CheckpointError, "config.json says n_layer=3, the file holds layers 0..1"),
+    (lambda c: c.update(n_layer=10 ** 9), CheckpointError, "n_layer=1000000000"),  # refused before building
+    (lambda c: c.update(n_embd="16"), ConfigError, "n_embd='16' must be an integer"),
+    (lambda c: c.update(n_embd=15), ConfigError, "n_embd=15 is not divisible by n_head=2"),
+    (lambda c: c.update(dtype="float33"), ConfigError, "dtype='float33'"),
+    (lambda c: c.update(model_type=["gpt2"]), CheckpointError, "unknown model_type"),
+])
+def test_a_bad_config_json_is_blamed_on_config_json_naming_the_field(saved, no_assignment, edit, error, message):
+    config = json.loads((saved[0] / "config.json").read_text())
+    edit(config)
+    (saved[0] / "config.json").write_text(json.dumps(config))
+    with pytest.raises(error, match=re.escape(message)):
+        models.from_pretrained(saved[0])
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("config.json", "[1, 2]", "config.json: expected a JSON object, got list"),
+    ("config.json", '"gpt2"', "config.json: expected a JSON object, got str"),
+    ("model.safetensors.index.json", "{nope", "model.safetensors.index.json: not a valid UTF-8 JSON file"),
+    ("model.safetensors.index.json", "[]", "model.safetensors.index.json: expected a JSON object"),
+])
+def test_json_that_is_not_an_object_is_named(saved, no_assignment, file, content, message):
+    if file.endswith("index.json"):
+        (saved[0] / "model.safetensors").unlink()
+    (saved[0] / file).write_text(content)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        models.from_pretrained(saved[0])
+
+
+@pytest.mark.parametrize("dtype", ["float33", "int8", torch.int64, 3])
+def test_a_dtype_that_is_not_a_float_dtype_is_refused(saved, dtype):
+    with pytest.raises(ValueError, match="dtype"):
+        models.from_pretrained(saved[0], dtype=dtype)

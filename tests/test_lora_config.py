@@ -78,6 +78,14 @@ def test_switched_on_peft_features_we_lack_are_refused(key, value):
     (dict(layers_pattern="h"), "layers_pattern='h'"),
     (dict(target_modules=".*q", layers_to_transform=[0]), "layers_to_transform"),
     (dict(layers_to_transform=[-1], target_modules=["q"]), "layers_to_transform"),
+    (dict(use_rslora="false"), "use_rslora='false' must be true or false"),
+    (dict(lora_alpha="abc"), "lora_alpha='abc' must be a number"),
+    (dict(lora_alpha=float("nan")), "lora_alpha=nan must be a finite number"),
+    (dict(r=True), "r=True must be an integer"),
+    (dict(fan_in_fan_out=1), "fan_in_fan_out=1 must be true or false"),
+    (dict(rank_pattern=[]), r"rank_pattern=\[\] must be an object"),
+    (dict(layers_to_transform=[0], layers_pattern=[3], target_modules=["q"]), r"layers_pattern=\[3\]"),
+    (dict(inference_mode="yes"), "inference_mode='yes'"),
 ])
 def test_invalid_values_name_field_and_value(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -243,7 +243,8 @@ def test_a_bad_adapter_is_refused_before_the_model_changes(tmp_path, kind):
     before = snapshot(peft)
     with pytest.raises(ValueError, match=message):
         peft.load_adapter(tmp_path, "again")
-    assert_same_state(before, peft) and list(peft.peft_config) == ["default"]
+    assert_same_state(before, peft)
+    assert list(peft.peft_config) == ["default"]
 
 
 def test_shape_errors_name_the_expected_and_found_shapes(tmp_path):
@@ -333,6 +334,20 @@ def test_weighted_adapter_is_the_weighted_sum_of_deltas(combination_type):
         assert_close_rel(m.get_delta_weight("mix").double(), want)
     with pytest.raises(ValueError, match="equal ranks"):
         peft.add_weighted_adapter(["default", "b"], weights, "lin", "linear")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(svd_rank=0), "svd_rank=0 must be None"), (dict(svd_rank=2.0), "svd_rank=2.0"),
+    (dict(weights=[float("nan")]), r"weights=\[nan\] must be finite numbers"), (dict(weights=["1"]), "weights"),
+    (dict(adapter_name="a.b"), "adapter name 'a.b'"),
+])
+def test_weighted_adapter_refuses_bad_arguments_before_the_model_changes(kwargs, message):
+    peft = get_peft_model(tiny_gpt2(), LoraConfig(r=3, target_modules=["c_attn"]))
+    before = snapshot(peft)
+    with pytest.raises(ValueError, match=message):
+        peft.add_weighted_adapter(**{"adapters": ["default"], "weights": [1.0], "adapter_name": "w", **kwargs})
+    assert_same_state(before, peft)
+    assert list(peft.peft_config) == ["default"]
 
 
 def test_bf16_model_keeps_fp32_adapters_unless_asked():

@@ -68,7 +68,7 @@ def padded_batches(draw, max_rows=3, max_len=7, side="left"):
 @pytest.mark.parametrize("cls", [PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig])
 @pytest.mark.parametrize("n", [0, -2, None, 2.5, True])
 def test_prompt_without_positive_length_is_rejected(cls, n):
-    with pytest.raises(ValueError, match=rf"num_virtual_tokens={n!r} must be an integer >= 1"):
+    with pytest.raises(ValueError, match=rf"num_virtual_tokens={n!r} must be an integer"):
         cls(num_virtual_tokens=n)
 
 

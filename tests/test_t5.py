@@ -1,6 +1,8 @@
 """Properties of models.t5 on its own: buckets, layout, config, KV cache and prefixes, padding, loss,
 dropout, checkpoint hooks. Agreement with transformers' T5 is in tests/interop/test_t5_transformers.py.
 """
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 from lowrank import models
+from lowrank.errors import ConfigError
 from lowrank.models.t5 import T5Config, T5ForConditionalGeneration, relative_position_bucket
 
 from .helpers import assert_close_rel as assert_close
@@ -160,9 +163,9 @@ def test_prefix_keys_hidden_by_decoder_attention_mask_do_not_matter():
     assert_close(outs[1].logits, outs[0].logits)
     assert not torch.allclose(unmasked.logits, outs[0].logits)
     assert outs[0].past_key_values[0][0].shape == (2, 4, 11, 8) and outs[0].past_key_values[0][2].shape == (2, 4, 7, 8)
-    with pytest.raises(ValueError, match="covers 5 keys, expected 11"):
+    with pytest.raises(ValueError, match=r"shape \(2, 5\), expected \(2, 11\)"):
         MODEL(input_ids=ids, decoder_input_ids=dec, decoder_attention_mask=torch.ones(2, 5), past_key_values=prefix)
-    with pytest.raises(ValueError, match="decoder_input_ids, decoder_inputs_embeds or labels"):
+    with pytest.raises(ValueError, match="exactly one of decoder_input_ids or decoder_inputs_embeds"):
         MODEL(input_ids=ids)
 
 
@@ -256,3 +259,28 @@ def test_greedy_generate_equals_argmax_of_full_recomputation():
             next_token = MODEL(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits[:, -1].argmax(-1)
             dec = torch.cat([dec, next_token[:, None]], dim=1)
     assert torch.equal(tokens, dec)
+
+
+@pytest.mark.parametrize("inputs, message", [
+    (dict(input_ids=torch.tensor([[1, 64]]), decoder_input_ids=torch.tensor([[0]])), r"input_ids\[0, 1\] = 64"),
+    (dict(input_ids=torch.tensor([[1]]), decoder_input_ids=torch.tensor([[-3]])), r"decoder_input_ids\[0, 0\] = -3"),
+    (dict(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.ones(3, 2), decoder_input_ids=torch.tensor([[0]])),
+     r"attention_mask has shape \(3, 2\), expected \(1, 2\)"),
+    (dict(input_ids=torch.zeros(1, 0, dtype=torch.long), decoder_input_ids=torch.tensor([[0]])), r"shape \(1, 0\)"),
+    (dict(input_ids=torch.tensor([[1]]), labels=torch.tensor([[99]])), r"labels\[0, 0\] = 99"),
+    (dict(input_ids=torch.tensor([[1]]), decoder_input_ids=torch.tensor([[0, 1]]),
+          decoder_attention_mask=torch.ones(1, 3)), r"decoder_attention_mask has shape \(1, 3\), expected \(1, 2\)"),
+])
+def test_bad_inputs_raise_naming_the_argument_and_value(inputs, message):
+    with pytest.raises(ValueError, match=message):
+        MODEL(**inputs)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(num_heads=0), "num_heads=0 must be >= 1"), (dict(d_kv="8"), "d_kv='8' must be an integer"),
+    (dict(dropout_rate=1.5), "dropout_rate=1.5 must be in [0, 1)"), (dict(feed_forward_proj="gated-x"), "gated-x"),
+    (dict(tie_word_embeddings="no"), "tie_word_embeddings='no' must be true or false"),
+])
+def test_config_rejects_bad_values_naming_the_field(bad, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        T5Config(**{**TINY, **bad})

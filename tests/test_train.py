@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from lowrank import LoraConfig, PromptTuningConfig, get_peft_model
+from lowrank.errors import CheckpointError
 from lowrank.train import Trainer, TrainingConfig, lr_factor, train
 
 from .helpers import assert_close_rel, tiny_gpt2, tiny_t5
@@ -145,8 +146,24 @@ def test_resume_latest_and_bad_checkpoints_are_refused(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in trainable(reordered.model).items())
 
 
+@pytest.mark.parametrize("name, cut", [("trainable.safetensors", 100), ("trainer_state.pt", 100),
+                                       ("rng_state_0.pt", 50), ("trainer_state.pt", 0)])
+def test_a_truncated_checkpoint_file_is_named_and_nothing_changes(tmp_path, name, cut):
+    data = examples(6)
+    train(peft_gpt2(), data, config(output_dir=str(tmp_path), max_steps=4, save_steps=2))
+    file = tmp_path / "checkpoint-2" / name
+    file.write_bytes(file.read_bytes()[:cut])
+    trainer = Trainer(peft_gpt2(), config(max_steps=4), data)
+    before = trainable(trainer.model)
+    with pytest.raises(CheckpointError, match=f"checkpoint-2/{name}: not a readable"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert trainer.step == 0 and all(torch.equal(p, before[n]) for n, p in trainable(trainer.model).items())
+
+
 @pytest.mark.parametrize("bad, message", [
-    (dict(batch_size=0), "batch_size=0"), (dict(lr_scheduler_type="step"), "lr_scheduler_type='step'"),
+    (dict(batch_size=0), "batch_size=0"), (dict(batch_size=True), "batch_size=True must be an integer"),
+    (dict(learning_rate="1e-3"), "learning_rate='1e-3' must be a number"), (dict(shuffle="no"), "shuffle='no'"),
+    (dict(warmup_steps=-1), "warmup_steps=-1 must be >= 0"), (dict(learning_rate=float("nan")), "learning_rate=nan"), (dict(lr_scheduler_type="step"), "lr_scheduler_type='step'"),
     (dict(mixed_precision="fp8"), "mixed_precision='fp8'"), (dict(num_epochs=0), "num_epochs=0"),
 ])
 def test_bad_training_config_names_the_field(bad, message):
