@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The repository keeps kernels/ and models/ at the top (DESIGN.md); installed, they are lowrank.kernels
+    # The repository keeps kernels/ and models/ at the top (docs/architecture.md); installed, they are lowrank.kernels
     # and lowrank.models, because `kernels` and `models` are other distributions' import names.
     packages=["lowrank", "lowrank.kernels", "lowrank.models"],
     package_dir={"lowrank": "lowrank", "lowrank.kernels": "kernels", "lowrank.models": "models"},

@@ -24,6 +24,13 @@ GPT2_SHAPES = {
 }
 
 
+# t5-small (60 M parameters: 6 + 6 layers) and a tiny model of the same structure for --quick smoke runs.
+T5_SHAPES = {
+    "full": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
+    "quick": dict(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
+}
+
+
 def interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 3, repeats: int = 20,
                 seconds: float = 0.0) -> Dict[str, List[float]]:
     """{name: [median, p20, p80] ms} of each fn() on the CPU: `warmup` calls each, then rounds of

@@ -1,11 +1,12 @@
-"""Is our GPT-2 at least as fast as transformers' on a CPU, for the same weights and threads?
+"""Are our GPT-2 and T5 at least as fast as transformers' on a CPU, for the same weights and threads?
 
     prefill: model(ids) with full logits, batch 1 x T tokens, no cache       -> tokens/s
     decode:  (generate(n new) - generate(1 new)) / (n - 1), greedy, each
              library's own generate with its KV cache                        -> ms/token
     load:    from_pretrained of one saved safetensors folder (page cache warm) -> ms
+    t5 generate: greedy generate of n new tokens from a T-token input, T5     -> ms
 
-Random GPT-2-small-shaped weights (no download), fp32. Ours and transformers' run interleaved
+Random GPT-2-small- and t5-small-shaped weights (no download), fp32. Ours and transformers' run interleaved
 (alternating order each repeat) after a warm-up; figures are medians with p20/p80. Both models
 are checked to agree (logits, greedy tokens) before anything is timed.
 
@@ -20,9 +21,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lowrank import models  # noqa: E402
-from bench.common import GPT2_SHAPES, cpu_comparison_args, interleaved, run_info, write_json  # noqa: E402
+from bench.common import GPT2_SHAPES, T5_SHAPES, cpu_comparison_args, interleaved, run_info, write_json  # noqa: E402
 
 LENGTHS = {"full": dict(prefill=512, prompt=64, new=33), "quick": dict(prefill=64, prompt=8, new=9)}
+T5_LENGTHS = {"full": dict(source=128, new=32), "quick": dict(source=16, new=8)}
 
 
 def check_agreement(ours, hf, ids, new):
@@ -33,6 +35,34 @@ def check_agreement(ours, hf, ids, new):
     if not same or diff > 1e-3:
         raise SystemExit(f"models disagree: max |logit diff| {diff:.2e}, greedy tokens equal: {same}")
     return diff
+
+
+def t5_generation(transformers, mode, repeats):
+    """The t5 generate row: ours and transformers' greedy generate of `new` tokens, after checking that ours
+    equals a greedy loop over transformers' forward (the reference by definition, whatever its generate does)."""
+    shape, lengths = T5_SHAPES[mode], T5_LENGTHS[mode]
+    torch.manual_seed(0)
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**shape, decoder_start_token_id=0)).eval()
+    folder = tempfile.mkdtemp(prefix="model_cpu_t5_")
+    hf.save_pretrained(folder)
+    ours = models.from_pretrained(folder)
+    source = torch.randint(2, shape["vocab_size"], (1, lengths["source"]))
+    new = lengths["new"]
+    with torch.inference_mode():
+        mine = models.generate(ours, source, max_new_tokens=new)
+        decoded = torch.zeros(1, 1, dtype=torch.long)
+        for _ in range(new):
+            decoded = torch.cat([decoded, hf(input_ids=source, decoder_input_ids=decoded).logits[:, -1:].argmax(-1)], 1)
+        if not torch.equal(mine, decoded):
+            raise SystemExit("T5 greedy tokens differ from a greedy loop over transformers' forward")
+        times = interleaved({
+            "ours": lambda: models.generate(ours, source, max_new_tokens=new),
+            "hf": lambda: hf.generate(source, max_new_tokens=new, min_new_tokens=new, do_sample=False)},
+            warmup=1, repeats=repeats)
+    return dict(metric="t5_generate_ms", ours=times["ours"][0], transformers=times["hf"][0],
+                ours_ms_p20_p80=times["ours"][1:], transformers_ms_p20_p80=times["hf"][1:],
+                ratio=times["hf"][0] / times["ours"][0], source_tokens=lengths["source"], new_tokens=new,
+                shape=shape, dtype="float32")
 
 
 def main(argv=None):
@@ -75,19 +105,20 @@ def main(argv=None):
     rows[0]["ratio"] = rows[0]["ours"] / rows[0]["transformers"]
     for row in rows[1:]:
         row["ratio"] = row["transformers"] / row["ours"]  # times: > 1 means ours is faster
-    info = {**run_info(), "transformers": transformers.__version__, "mode": mode, "shape": str(shape),
-            "max_abs_logit_diff": f"{diff:.2e}", "repeats": str(repeats)}
     for row in rows:
         row.update(shape=shape, dtype="float32")
+    rows.append(t5_generation(transformers, mode, repeats))
+    info = {**run_info(), "transformers": transformers.__version__, "mode": mode, "shape": str(shape),
+            "max_abs_logit_diff": f"{diff:.2e}", "repeats": str(repeats)}
     write_json(args.json, info, rows)
 
-    print(f"GPT-2 {mode} {shape}, fp32, {args.threads} threads, {info['device']}, torch {torch.__version__}, "
+    print(f"GPT-2 {mode} {shape} and T5 {T5_SHAPES[mode]}, fp32, {args.threads} threads, {info['device']}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}; max |logit diff| {diff:.1e}")
     print(f"{'metric':<24}{'ours':>12}{'transformers':>14}{'ratio':>8}")
     for row in rows:
         print(f"{row['metric']:<24}{row['ours']:>12.2f}{row['transformers']:>14.2f}{row['ratio']:>8.2f}")
     print("ours vs transformers (>1 = ours faster): " + ", ".join(
-        f"{name} {row['ratio']:.2f}x" for name, row in zip(("prefill", "decode", "load"), rows)))
+        f"{name} {row['ratio']:.2f}x" for name, row in zip(("prefill", "decode", "load", "t5 generate"), rows)))
     return rows
 
 

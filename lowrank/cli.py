@@ -121,7 +121,7 @@ def method_config(args):
 def max_length(args, model, config) -> int:
     """Tokens an example may have: --max-length, by default all a GPT-2 holds (n_positions, less the
     virtual tokens of a soft prompt, which take positions too) or 512 for T5; ValueError if it cannot fit."""
-    positions = None if is_encoder_decoder(model) else getattr(model.config, "n_positions", None)
+    positions = getattr(model, "max_positions", None)
     if positions is None:
         return args.max_length or 512
     virtual = getattr(config, "num_virtual_tokens", 0)
@@ -223,9 +223,9 @@ def info(args) -> None:
         config_file, weights = path / io.CONFIG_NAME, path / io.WEIGHTS_NAME
         config = io.read_adapter_config(config_file)
         title, fields = f"adapter: {config.peft_type} ({type(config).__name__})", config.to_dict()
-    elif (path / models.loading.CONFIG_NAME).is_file():
-        fields = models.loading.read_config(path)
-        weights = path / models.loading.WEIGHTS_NAME
+    elif (path / models.CONFIG_NAME).is_file():
+        fields = models.read_config(path)
+        weights = path / models.WEIGHTS_NAME
         title = f"model: {fields.get('model_type')} ({', '.join(fields.get('architectures', []))})"
     else:
         raise FileNotFoundError(f"{path}: neither {io.CONFIG_NAME} (an adapter) nor config.json (a model)")

@@ -1,9 +1,9 @@
-"""PEFT method configs (LoRA, FORMATS C; soft prompts, FORMATS D-F): dataclasses with PEFT's field names and
+"""PEFT method configs (LoRA, docs/formats.md C; soft prompts, docs/formats.md D-F): dataclasses with PEFT's field names and
 defaults, and their JSON round trip.
 
 `PeftConfig` holds what every method shares; each method adds its fields and fixes `peft_type`.
-`config_from_dict` reads an adapter_config.json dict, dispatching on its `peft_type` (FORMATS C.1).
-The matching rules that decide which modules a config touches live here too (FORMATS C.3, C.5),
+`config_from_dict` reads an adapter_config.json dict, dispatching on its `peft_type` (docs/formats.md C.1).
+The matching rules that decide which modules a config touches live here too (docs/formats.md C.3, C.5),
 as pure functions of a module name.
 """
 import re
@@ -107,11 +107,11 @@ class PeftConfig:
 
 @dataclass(kw_only=True)
 class LoraConfig(PeftConfig):
-    """LoRA (Hu et al. 2021): y = base(x) + scaling * lora_B(lora_A(dropout(x))), FORMATS C.
+    """LoRA (Hu et al. 2021): y = base(x) + scaling * lora_B(lora_A(dropout(x))), docs/formats.md C.
 
     r, lora_alpha: rank and numerator of scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora).
     target_modules: list of module-name suffixes, a regex (re.fullmatch on the full name), "all-linear"
-        (every linear but the output head), or None for the model type's default (FORMATS C.4).
+        (every linear but the output head), or None for the model type's default (docs/formats.md C.4).
     exclude_modules: same forms as target_modules; matching modules are never targeted.
     fan_in_fan_out: weight stored (in, out) as GPT-2's Conv1D; set from the target's class when injecting.
     bias: "none", "all" (every bias trains) or "lora_only" (biases of targeted layers train).
@@ -179,7 +179,7 @@ class LoraConfig(PeftConfig):
                                      + (" (an integer)" if kind is int else ""))
 
     def is_target(self, name: str) -> bool:
-        """Whether the module called `name` (path in the wrapped model) gets LoRA (FORMATS C.5)."""
+        """Whether the module called `name` (path in the wrapped model) gets LoRA (docs/formats.md C.5)."""
         if self.exclude_modules is not None and (
             re.fullmatch(self.exclude_modules, name) if isinstance(self.exclude_modules, str)
             else _name_matches(self.exclude_modules, name)
@@ -203,7 +203,7 @@ class LoraConfig(PeftConfig):
         return int(match.group(1)) == layers if isinstance(layers, int) else int(match.group(1)) in layers
 
     def rank_and_alpha(self, name: str) -> tuple:
-        """(r, lora_alpha) for the module called `name`, after rank_pattern / alpha_pattern (FORMATS C.3)."""
+        """(r, lora_alpha) for the module called `name`, after rank_pattern / alpha_pattern (docs/formats.md C.3)."""
         return _pattern_value(self.rank_pattern, name, self.r), _pattern_value(self.alpha_pattern, name, self.lora_alpha)
 
 
@@ -216,7 +216,7 @@ def _pattern_value(patterns: dict, name: str, default):
 
 @dataclass(kw_only=True)
 class PromptLearningConfig(PeftConfig):
-    """Fields every soft-prompt method shares (FORMATS D.1). Those left None are filled from the model's
+    """Fields every soft-prompt method shares (docs/formats.md D.1). Those left None are filled from the model's
     config when the adapter is added (lowrank.prompts.resolve_config).
 
     num_virtual_tokens: N, the prompt length (required, >= 1).
@@ -245,7 +245,7 @@ class PromptLearningConfig(PeftConfig):
 
 @dataclass(kw_only=True)
 class PromptTuningConfig(PromptLearningConfig):
-    """Prompt tuning (Lester et al. 2021): N learned embeddings prepended to the input embeddings (FORMATS D).
+    """Prompt tuning (Lester et al. 2021): N learned embeddings prepended to the input embeddings (docs/formats.md D).
 
     prompt_tuning_init: "RANDOM" (N(0, 1)), "TEXT" (the model's embeddings of prompt_tuning_init_text,
         tokenised by tokenizer_name_or_path/tokenizer.json, repeated or cut to N rows per submodule) or
@@ -281,7 +281,7 @@ class PromptTuningConfig(PromptLearningConfig):
 
 @dataclass(kw_only=True)
 class PrefixTuningConfig(PromptLearningConfig):
-    """Prefix tuning (Li & Liang 2021): N learned keys and values per layer, before the tokens' own (FORMATS E).
+    """Prefix tuning (Li & Liang 2021): N learned keys and values per layer, before the tokens' own (docs/formats.md E).
 
     prefix_projection: train an embedding (N, token_dim) through Linear(token_dim, encoder_hidden_size),
         Tanh, Linear(encoder_hidden_size, 2 num_layers token_dim); files hold only the projected prefix.
@@ -307,7 +307,7 @@ class PrefixTuningConfig(PromptLearningConfig):
 @dataclass(kw_only=True)
 class PromptEncoderConfig(PromptLearningConfig):
     """P-tuning (Liu et al. 2021): prompt rows produced by an MLP or a bidirectional LSTM + MLP from a learned
-    embedding (FORMATS F); files hold only the encoder's output.
+    embedding (docs/formats.md F); files hold only the encoder's output.
 
     encoder_hidden_size: the heads' width (None means token_dim); encoder_num_layers: LSTM layers (the MLP
     always has three Linear layers); encoder_dropout: between LSTM layers.

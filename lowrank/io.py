@@ -1,4 +1,4 @@
-"""Adapter files in and out: adapter_config.json + adapter_model.safetensors, PEFT's format (FORMATS C-F).
+"""Adapter files in and out: adapter_config.json + adapter_model.safetensors, PEFT's format (docs/formats.md C-F).
 
 Which tensors a file holds, by key: `adapter_tensors` (from a model that has the adapter) and
 `expected_shapes` (from a plan, before the model is touched) describe the same layout. Reads go through
@@ -21,7 +21,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."  # every LoRA/bias/modules_to_save key in the file starts with it
-PROMPT_KEY = "prompt_embeddings"  # a soft prompt's file holds this one tensor (FORMATS D.2, E.2, F)
+PROMPT_KEY = "prompt_embeddings"  # a soft prompt's file holds this one tensor (docs/formats.md D.2, E.2, F)
 
 
 def layer_biases(model: nn.Module, lora_paths, mode: str) -> dict:
@@ -40,7 +40,7 @@ def layer_biases(model: nn.Module, lora_paths, mode: str) -> dict:
 
 
 def adapter_tensors(model: nn.Module, adapter: str, bias: str) -> dict:
-    """{file key: live tensor} of what adapter_model.safetensors holds for `adapter` (FORMATS C.2): LoRA
+    """{file key: live tensor} of what adapter_model.safetensors holds for `adapter` (docs/formats.md C.2): LoRA
     factors without the adapter name, module copies under the original module's name, selected biases."""
     out, lora_paths = {}, set()
     for path, m in base_modules(model):
@@ -115,16 +115,16 @@ def read_adapter_config(file: Path):
         raise CheckpointError(f"{file}: {e}") from None
 
 
-def match_tensors(tensors: dict, expected: dict, source) -> dict:
-    """The file's tensors keyed as `expected` ({key: shape}), or ValueError naming `source` and every
+def match_tensors(tensors: dict, expected: dict, source, base_model_prefix=None) -> dict:
+    """The file's tensors keyed as `expected` ({key: shape}), or CheckpointError naming `source` and every
     missing key, unexpected key and wrong shape.
 
-    A key without 'transformer.' after the prefix (an adapter trained on GPT2Model) is taken for the
-    GPT2LMHeadModel key it names (FORMATS C.2).
+    base_model_prefix: the model's hook of that name (GPT-2: "transformer"): a key without it after PREFIX
+    (an adapter trained on the headless model, GPT2Model) is taken for the key it names (docs/formats.md C.2).
     """
     found, unexpected = {}, []
     for key, tensor in tensors.items():
-        alias = PREFIX + "transformer." + key[len(PREFIX):]
+        alias = PREFIX + f"{base_model_prefix}." + key[len(PREFIX):] if base_model_prefix else None
         name = alias if key not in expected and key.startswith(PREFIX) and alias in expected else key
         if name in expected and name not in found:
             found[name] = tensor

@@ -1,4 +1,4 @@
-"""The LoRA layer: a frozen linear plus scaled low-rank adapters (FORMATS C.3, DESIGN "The one equation").
+"""The LoRA layer: a frozen linear plus scaled low-rank adapters (docs/formats.md C.3, docs/equation.md).
 
     y = x @ W + s * (x @ A) @ B + bias,    s = lora_alpha / r  (lora_alpha / sqrt(r) with rsLoRA)
 

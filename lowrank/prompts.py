@@ -1,4 +1,4 @@
-"""Soft prompts: prompt tuning, P-tuning and prefix tuning on GPT-2 and T5 (FORMATS D, E, F).
+"""Soft prompts: prompt tuning, P-tuning and prefix tuning on GPT-2 and T5 (docs/formats.md D, E, F).
 
 A soft prompt is one tensor, `prompt_shape(config)`:
     prompt tuning, P-tuning: (N * num_transformer_submodules, token_dim) rows prepended to the input
@@ -15,8 +15,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .models.generate import generate
-from .models.tokenizer import load_tokenizer
+from .models import check_inputs, generate, load_tokenizer
 
 from .config import (ENCODER_DECODER_TASKS, PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig,
                      PromptTuningConfig, is_encoder_decoder)
@@ -64,11 +63,11 @@ def resolve_config(model: nn.Module, config: PromptLearningConfig) -> PromptLear
 
 
 def _check_prefix_fits(model: nn.Module, config: PrefixTuningConfig) -> None:
-    """Each layer's prefix is (H, N, token_dim / H): it must be the shape of that layer's own keys."""
-    mc = model.config
-    layers = getattr(mc, "num_decoder_layers", None) or _config_value(mc, "num_layers")
-    heads = _config_value(mc, "num_attention_heads")
-    head_dim = getattr(mc, "d_kv", None) or _config_value(mc, "token_dim") // heads
+    """Each layer's prefix is (H, N, token_dim / H): it must be the shape of that layer's own keys (the
+    model's prefix_attention() hook)."""
+    if not hasattr(model, "prefix_attention"):
+        raise ValueError(f"{type(model).__name__} takes no prefix (it has no prefix_attention hook)")
+    layers, heads, head_dim = model.prefix_attention()
     if config.num_layers != layers:
         raise ValueError(f"num_layers={config.num_layers}, but the model has {layers} layers that take a prefix")
     if config.token_dim % config.num_attention_heads or \
@@ -79,7 +78,7 @@ def _check_prefix_fits(model: nn.Module, config: PrefixTuningConfig) -> None:
 
 def prompt_shape(config: PromptLearningConfig) -> tuple:
     """(rows, width) of the prompt a resolved config describes, which is also the shape of the file's
-    `prompt_embeddings` (FORMATS D.2, E.2, F)."""
+    `prompt_embeddings` (docs/formats.md D.2, E.2, F)."""
     if isinstance(config, PrefixTuningConfig):
         return config.num_virtual_tokens, 2 * config.num_layers * config.token_dim
     return config.num_virtual_tokens * config.num_transformer_submodules, config.token_dim
@@ -204,7 +203,7 @@ def prefix_key_values(config: PrefixTuningConfig, prefix: torch.Tensor, batch: i
 
 def prompt_inputs(model: nn.Module, config: PromptLearningConfig, prompt: torch.Tensor, kwargs: dict) -> dict:
     """The base model's keyword arguments `kwargs` with the prompt (prompt_shape(config)) put in; None values
-    are dropped. PEFT's rules (FORMATS D.3, E.3, F):
+    are dropped. PEFT's rules (docs/formats.md D.3, E.3, F):
 
     virtual tokens, GPT-2: inputs_embeds = [prompt; embeddings] (B, N + T, d), attention_mask and labels get
         N leading ones / -100s; position_ids are ignored (virtual tokens take positions 0..N-1).
@@ -222,7 +221,7 @@ def prompt_inputs(model: nn.Module, config: PromptLearningConfig, prompt: torch.
             warnings.warn(f"{name} are not used with {config.peft_type}; ignoring them", stacklevel=3)
     n, enc_dec = config.num_virtual_tokens, is_encoder_decoder(model)
     if isinstance(config, PrefixTuningConfig):
-        kw = _with_prefix(model, config, prompt, kw, enc_dec)
+        kw = _with_prefix(model, config, prompt, kw)
     else:
         kw = _with_virtual_tokens(model, prompt[:n], kw, enc_dec)
     return {k: v for k, v in kw.items() if v is not None}
@@ -234,19 +233,18 @@ def _with_virtual_tokens(model, rows, kw, enc_dec: bool) -> dict:
     if "encoder_outputs" in kw or (not enc_dec and "past_key_values" in kw):
         return kw
     ids, embeds = kw.pop("input_ids", None), kw.pop("inputs_embeds", None)
-    if (ids is None) == (embeds is None):
-        raise ValueError("pass exactly one of input_ids or inputs_embeds")
-    embeds = model.get_input_embeddings()(ids) if embeds is None else embeds
+    table = model.get_input_embeddings()
+    check_inputs(ids, embeds, table.num_embeddings, table.embedding_dim)
+    embeds = table(ids) if embeds is None else embeds
     kw["inputs_embeds"] = torch.cat([rows.to(embeds.dtype).expand(embeds.shape[0], -1, -1), embeds], dim=1)
     if not enc_dec:
         kw["labels"] = _pad_before(kw.get("labels"), n, -100)
     return kw
 
 
-def _with_prefix(model, config: PrefixTuningConfig, prefix, kw, enc_dec: bool) -> dict:
+def _with_prefix(model, config: PrefixTuningConfig, prefix, kw) -> dict:
     n = config.num_virtual_tokens
-    mask = "decoder_attention_mask" if enc_dec else "attention_mask"
-    kw[mask] = _pad_before(kw.get(mask), n, 1)
+    kw[model.prefix_mask] = _pad_before(kw.get(model.prefix_mask), n, 1)
     if "position_ids" in kw:
         kw["position_ids"] = kw["position_ids"] + n
     if "past_key_values" in kw:
@@ -255,7 +253,7 @@ def _with_prefix(model, config: PrefixTuningConfig, prefix, kw, enc_dec: bool) -
     if batch is None:
         raise ValueError("pass input_ids, inputs_embeds or encoder_outputs")
     past = prefix_key_values(config, prefix.to(model.get_input_embeddings().weight.dtype), batch)
-    kw["past_key_values"] = [(k, v, None, None) for k, v in past] if enc_dec else past
+    kw["past_key_values"] = model.past_from_prefix(past)
     return kw
 
 

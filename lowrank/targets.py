@@ -8,7 +8,7 @@ from torch import nn
 from .config import ENCODER_DECODER_TASKS, LoraConfig, is_encoder_decoder
 from .lora import LoraLayer, base_modules, is_conv1d
 
-DEFAULT_TARGET_MODULES = {"gpt2": ["c_attn"], "t5": ["q", "v"], "mt5": ["q", "v"]}  # FORMATS C.4
+DEFAULT_TARGET_MODULES = {"gpt2": ["c_attn"], "t5": ["q", "v"], "mt5": ["q", "v"]}  # docs/formats.md C.4
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -106,7 +106,7 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> 
 def loss_drops_first_label(model: nn.Module) -> bool:
     """Whether the model's loss leaves out the first label column. Causal LMs predict token t + 1 from t,
     so they do; an encoder-decoder does not; nor does a causal LM behind a prepended soft prompt (prompt
-    tuning, P-tuning), whose N leading -100 labels absorb the shift (FORMATS D.3)."""
+    tuning, P-tuning), whose N leading -100 labels absorb the shift (docs/formats.md D.3)."""
     if is_encoder_decoder(model):
         return False
     configs = getattr(model, "peft_config", {})

@@ -1,12 +1,33 @@
-"""GPT-2 and T5 as plain torch modules with Hugging Face names; safetensors in and out; generation."""
+"""GPT-2 and T5 as plain torch modules with Hugging Face names; safetensors in and out; generation.
+
+The contract with lowrank (docs/architecture.md, "The contract between lowrank and models"): lowrank uses
+models only through the names exported here, and through these hooks on a model (optional where lowrank
+has a default; an arbitrary torch module works without them):
+
+    config                    vocab_size, eos_token_id, is_encoder_decoder (absent: False)
+    get_input_embeddings()    the token embedding (soft prompts)
+    prefill, decode_step, generation_prefix, generate    the generation protocol (models.generate)
+    save_pretrained(path)     config.json + model.safetensors
+    max_positions             the most tokens a sequence may have; None: no limit (T5)
+    base_model_prefix         the submodule a headless checkpoint's keys lack ("transformer"), or None
+    prefix_attention()        (layers, heads, head_dim) of the attention a learned prefix enters
+    prefix_mask               the keyword of the mask that a prefix's keys extend
+    past_from_prefix(kvs)     per-layer (k, v) of a prefix -> the model's past_key_values layout
+
+models itself uses nothing of lowrank but its leaf modules lowrank.errors, lowrank.checks and lowrank.files.
+"""
+from .cache import ConcatCache, KVCache
+from .config import ModelConfig
 from .generate import generate, sample_next
 from .gpt2 import GPT2Config, GPT2LMHeadModel
-from .loading import from_pretrained, save_pretrained
+from .inputs import check_inputs
+from .loading import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, read_config, save_pretrained
 from .outputs import ModelOutput
 from .t5 import T5Config, T5ForConditionalGeneration
 from .tokenizer import load_tokenizer, word_tokenizer
 
 __all__ = [
-    "GPT2Config", "GPT2LMHeadModel", "ModelOutput", "T5Config", "T5ForConditionalGeneration",
-    "from_pretrained", "generate", "load_tokenizer", "sample_next", "save_pretrained", "word_tokenizer",
+    "CONFIG_NAME", "ConcatCache", "GPT2Config", "GPT2LMHeadModel", "KVCache", "ModelConfig", "ModelOutput",
+    "T5Config", "T5ForConditionalGeneration", "WEIGHTS_NAME", "check_inputs", "from_pretrained", "generate", "load_tokenizer",
+    "read_config", "sample_next", "save_pretrained", "word_tokenizer",
 ]

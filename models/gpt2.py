@@ -1,4 +1,4 @@
-"""GPT-2 as plain torch modules, with Hugging Face parameter names (FORMATS.md A).
+"""GPT-2 as plain torch modules, with Hugging Face parameter names (docs/formats.md A).
 
 Parameters are named as in transformers' state dict (`transformer.h.0.attn.c_attn.weight`, ...),
 so a checkpoint loads by name and a PEFT adapter key maps 1:1 onto a module.
@@ -13,9 +13,11 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .activations import ACTIVATIONS
+from .cache import ConcatCache, KVCache, past_length
 from .config import ModelConfig
 from .inputs import check_inputs, check_mask, check_positions, check_token_ids
 from .outputs import ModelOutput
+from .pretrained import PreTrainedModel
 
 
 # Checkpoint buffers from older transformers (causal mask, mask fill value): derived, not learned.
@@ -110,73 +112,6 @@ def attention_mask_for(key_mask, n_new: int, n_keys: int, device):
     return allowed, False
 
 
-def past_length(past, n_layer: int) -> int:
-    """Tokens held by past_key_values (None or one (k, v) per layer, each (B, H, T, head_dim)); ValueError
-    if it does not have n_layer layers."""
-    if past is None:
-        return 0
-    if len(past) != n_layer:
-        raise ValueError(f"past_key_values has {len(past)} layers, the model has n_layer={n_layer}")
-    return past[0][0].size(2)
-
-
-class ConcatCache:
-    """The public KV layout (FORMATS A.5): one (k, v) per layer, each (B, H, T, head_dim), before
-    scaling. New keys/values are concatenated, so gradients flow into a learned prefix."""
-
-    def __init__(self, past, n_layer: int):
-        self.length = past_length(past, n_layer)
-        self.layers = list(past) if past is not None else [None] * n_layer
-
-    def update(self, layer: int, k, v):
-        if self.layers[layer] is not None:
-            k = torch.cat([self.layers[layer][0], k], dim=2)
-            v = torch.cat([self.layers[layer][1], v], dim=2)
-        self.layers[layer] = (k, v)
-        return k, v
-
-
-class KVCache:
-    """Generation cache, gpt-fast style: preallocated k/v buffers (n_layer, B, H, capacity, head_dim)
-    valid up to `length`; key_mask (B, capacity) bool, None when no row is padded; positions (B,),
-    each row's next position id. Written in place; capacity doubles when full."""
-
-    def __init__(self, config: GPT2Config, batch: int, capacity: int, dtype, device, key_mask):
-        shape = (config.n_layer, batch, config.n_head, capacity, config.n_embd // config.n_head)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.key_mask = None
-        if key_mask is not None:
-            self.key_mask = torch.ones(batch, capacity, dtype=torch.bool, device=device)
-            self.key_mask[:, : key_mask.size(1)] = key_mask.bool()
-        self.positions = None
-        self.length = 0
-        self.max_length = config.n_positions
-
-    def reserve(self, n: int):
-        """Make room for n more tokens (doubling keeps appends amortised O(1) without knowing max_new_tokens)."""
-        capacity = self.k.size(3)
-        if self.length + n <= capacity:
-            return
-        capacity = min(self.max_length, max(2 * capacity, self.length + n))
-        grow = lambda buf: torch.cat([buf, buf.new_empty(*buf.shape[:3], capacity - buf.size(3), buf.size(4))], dim=3)
-        self.k, self.v = grow(self.k), grow(self.v)
-        if self.key_mask is not None:
-            pad = self.key_mask.new_ones(self.key_mask.size(0), capacity - self.key_mask.size(1))
-            self.key_mask = torch.cat([self.key_mask, pad], dim=1)
-
-    def update(self, layer: int, k, v):
-        end = self.length + k.size(2)
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, n: int, next_positions):
-        """Mark n written tokens valid; next_positions (B,): position ids of the next token."""
-        self.length += n
-        self.positions = next_positions
-
-
 class GPT2Attention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
@@ -259,9 +194,11 @@ def causal_lm_loss(logits, labels):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(PreTrainedModel):
     config_class = GPT2Config
     checkpoint_layers = {"n_layer": r"(?:transformer\.)?h\.(\d+)\."}  # models.loading.check_layer_count
+    base_model_prefix = "transformer"  # GPT2Model's keys are these without it (transformers' name)
+    prefix_mask = "attention_mask"  # the mask a learned prefix's keys extend
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -295,7 +232,8 @@ class GPT2LMHeadModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=False, token_type_ids=None) -> ModelOutput:
         """input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, T_past + T), 1 = real token;
-        position_ids (B, T), default T_past + arange(T); past_key_values: see `ConcatCache`;
+        position_ids (B, T), default T_past + arange(T); past_key_values: one (k, v) per layer, each
+        (B, H, T_past, head_dim), before scaling (models.cache.ConcatCache);
         labels (B, T). Returns logits (B, T, V), loss, and the extended cache when use_cache."""
         c = self.config
         B, T = check_inputs(input_ids, inputs_embeds, c.vocab_size, c.n_embd)
@@ -326,6 +264,22 @@ class GPT2LMHeadModel(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.wte
 
+    # Hooks for lowrank (see models/__init__).
+
+    @property
+    def max_positions(self) -> int:
+        """The most tokens a sequence may have."""
+        return self.config.n_positions
+
+    def prefix_attention(self) -> tuple:
+        """(layers, heads, head_dim) of the attention a learned prefix (prefix tuning) enters."""
+        return self.config.n_layer, self.config.n_head, self.config.n_embd // self.config.n_head
+
+    @staticmethod
+    def past_from_prefix(key_values: list) -> list:
+        """Per layer (k, v), each (B, H, P, head_dim) -> forward's past_key_values."""
+        return list(key_values)
+
     # Generation protocol used by models.generate (see there).
 
     def generation_prefix(self, input_ids):
@@ -336,7 +290,7 @@ class GPT2LMHeadModel(nn.Module):
         -> (KVCache, next-token logits (B, V)).
 
         past_key_values: a learned prefix that every token attends to, one (k, v) per layer, each
-        (B, H, P, head_dim) (the layout of `ConcatCache`); attention_mask then covers P + T keys.
+        (B, H, P, head_dim) (forward's layout); attention_mask then covers P + T keys.
         Position ids count real keys only (cumsum(mask) - 1, clamped at 0), as transformers' generate does,
         so the tokens sit at positions P.. as in `forward`.
         """
@@ -350,11 +304,10 @@ class GPT2LMHeadModel(nn.Module):
             position_ids = torch.arange(P, P + T, device=weight.device).expand(B, T)
         else:
             position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
-        capacity = min(self.config.n_positions, max(64, 2 * (P + T)))
-        cache = KVCache(self.config, B, capacity, weight.dtype, weight.device, key_mask)
-        for layer, (k, v) in enumerate(past_key_values or ()):
-            cache.update(layer, k, v)
-        cache.advance(P, None)
+        c = self.config
+        cache = KVCache(c.n_layer, B, c.n_head, c.n_embd // c.n_head, min(c.n_positions, max(64, 2 * (P + T))),
+                        weight.dtype, weight.device, key_mask, max_length=c.n_positions)
+        cache.load(past_key_values)
         attn_mask, is_causal = attention_mask_for(key_mask, T, P + T, weight.device)
         x = self.transformer(input_ids, position_ids, attn_mask, is_causal, cache, inputs_embeds)
         cache.advance(T, position_ids[:, -1] + 1)
@@ -370,16 +323,12 @@ class GPT2LMHeadModel(nn.Module):
         cache.advance(1, cache.positions + 1)
         return self.lm_head(x[:, -1])
 
-    def generate(self, input_ids, attention_mask=None, **kwargs):
-        from .generate import generate
-        return generate(self, input_ids, attention_mask, **kwargs)
-
     # Checkpoint hooks used by models.loading.
 
     @staticmethod
     def normalize_checkpoint(tensors: dict, config: GPT2Config) -> dict:
         """File keys (with or without the `transformer.` prefix, old mask buffers, maybe no lm_head)
-        -> this model's state-dict keys (FORMATS A.2, robust loader rule)."""
+        -> this model's state-dict keys (docs/formats.md A.2, robust loader rule)."""
         out = {}
         for key, tensor in tensors.items():
             if key.endswith(_IGNORED_KEY_SUFFIXES):
@@ -395,7 +344,3 @@ class GPT2LMHeadModel(nn.Module):
         if self.config.tie_word_embeddings:
             del state["lm_head.weight"]
         return state
-
-    def save_pretrained(self, path):
-        from .loading import save_pretrained
-        save_pretrained(self, path)

@@ -2,7 +2,7 @@
 
 Encoder-decoder transformer with pre-norm RMSNorm blocks, no absolute positions and a learned
 relative-position bias shared by all layers of a stack (Raffel et al. 2020). The math follows
-FORMATS.md section B; parameter names equal `T5ForConditionalGeneration`'s state-dict names.
+docs/formats.md section B; parameter names equal `T5ForConditionalGeneration`'s state-dict names.
 """
 import math
 from dataclasses import dataclass, field
@@ -14,9 +14,11 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .activations import ACTIVATIONS
+from .cache import ConcatCache, KVCache, past_length
 from .config import ModelConfig
-from .inputs import check_inputs, check_mask, check_token_ids
+from .inputs import check_embeddings, check_inputs, check_mask, check_token_ids
 from .outputs import ModelOutput
+from .pretrained import PreTrainedModel
 
 
 @dataclass
@@ -37,7 +39,7 @@ class T5Config(ModelConfig):
     initializer_factor: float = 1.0
     feed_forward_proj: str = "relu"
     tie_word_embeddings: bool = True
-    scale_decoder_outputs: Optional[bool] = None  # None: tie_word_embeddings (FORMATS B.5)
+    scale_decoder_outputs: Optional[bool] = None  # None: tie_word_embeddings (docs/formats.md B.5)
     is_encoder_decoder: bool = True
     use_cache: bool = True
     pad_token_id: int = 0
@@ -191,25 +193,20 @@ class T5Block(nn.Module):
         layers.append(_sublayer("DenseReluDense", T5DenseReluDense(config), config))
         self.layer = nn.ModuleList(layers)
 
-    def forward(self, x, self_bias, enc=None, cross_bias=None, past=None):
-        """x: (B, T, d_model); past: (self_k, self_v, cross_k, cross_v) or None (see T5ForConditionalGeneration).
-        Returns x and this layer's updated (self_k, self_v, cross_k, cross_v)."""
-        self_k, self_v, cross_k, cross_v = past if past is not None else (None,) * 4
+    def forward(self, x, self_bias, layer: int, cache=None, cross=None, cross_bias=None):
+        """x: (B, T, d_model); cache: None or a models.cache cache that this layer's self K/V are appended to;
+        cross: None (encoder) or this layer's cross K/V of the encoder output, each (B, H, T_enc, d_kv)."""
         sa = self.layer[0]
         h = sa.layer_norm(x)
         k, v = sa.SelfAttention.project_kv(h)
-        if self_k is not None:
-            k, v = torch.cat([self_k, k], dim=2), torch.cat([self_v, v], dim=2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         x = x + F.dropout(sa.SelfAttention(h, k, v, self_bias), self.dropout, self.training)
         if self.is_decoder:
             ca = self.layer[1]
-            if cross_k is None:
-                cross_k, cross_v = ca.EncDecAttention.project_kv(enc)
-            x = x + F.dropout(ca.EncDecAttention(ca.layer_norm(x), cross_k, cross_v, cross_bias),
-                              self.dropout, self.training)
+            x = x + F.dropout(ca.EncDecAttention(ca.layer_norm(x), *cross, cross_bias), self.dropout, self.training)
         ff = self.layer[-1]
-        x = x + F.dropout(ff.DenseReluDense(ff.layer_norm(x)), self.dropout, self.training)
-        return x, (k, v, cross_k, cross_v)
+        return x + F.dropout(ff.DenseReluDense(ff.layer_norm(x)), self.dropout, self.training)
 
 
 def _mask_keys(bias, key_mask):
@@ -227,20 +224,28 @@ class T5Stack(nn.Module):
         self.block = nn.ModuleList(T5Block(config, is_decoder, i == 0) for i in range(n))
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None,
-                encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None):
-        """Returns hidden states (B, T, d_model) after the final norm, and the per-layer K/V."""
+    def cross_key_values(self, encoder_hidden_states, cross=None) -> list:
+        """Per decoder layer, the cross-attention (k, v) of the encoder output (B, T_enc, d_model): cross[i]
+        where given (not None), else projected here."""
+        cross = cross or [None] * len(self.block)
+        return [kv if kv is not None and kv[0] is not None else block.layer[1].EncDecAttention.project_kv(
+            encoder_hidden_states) for block, kv in zip(self.block, cross)]
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, encoder_attention_mask=None,
+                cache=None, cross=None):
+        """Hidden states (B, T, d_model) after the final norm. The encoder takes input_ids or inputs_embeds and
+        attention_mask (B, T). The decoder also takes cache (None, or a models.cache cache holding the self
+        K/V of the T_past tokens before these, which it extends), cross (per layer the encoder output's
+        (k, v): `cross_key_values`) and encoder_attention_mask (B, T_enc); attention_mask covers T_past + T
+        keys."""
         names = ("decoder_input_ids", "decoder_inputs_embeds") if self.is_decoder else ("input_ids", "inputs_embeds")
         B, T = check_inputs(input_ids, inputs_embeds, self.embed_tokens.num_embeddings,
                             self.embed_tokens.embedding_dim, names)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         dev = x.device
-        past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
+        past_len = cache.length if cache is not None else 0
         mask_name = "decoder_attention_mask" if self.is_decoder else "attention_mask"
         check_mask(attention_mask, mask_name, (B, past_len + T), f"batch, {past_len} past + {T} new tokens")
-        if encoder_hidden_states is not None:
-            check_mask(encoder_attention_mask, "attention_mask", encoder_hidden_states.shape[:2],
-                       "batch, encoder tokens")
         query_pos = torch.arange(past_len, past_len + T, device=dev)
         key_pos = torch.arange(past_len + T, device=dev)
         bias = self.block[0].layer[0].SelfAttention.compute_bias(query_pos, key_pos).to(x.dtype)
@@ -249,29 +254,33 @@ class T5Stack(nn.Module):
         if attention_mask is not None:
             bias = _mask_keys(bias, attention_mask)
         cross_bias = 0.0
-        if encoder_attention_mask is not None:
-            cross_bias = _mask_keys(x.new_zeros(1, 1, 1, encoder_attention_mask.shape[1]), encoder_attention_mask)
-
+        if self.is_decoder:
+            check_mask(encoder_attention_mask, "attention_mask", (B, cross[0][0].shape[2]), "batch, encoder tokens")
+            if encoder_attention_mask is not None:
+                cross_bias = _mask_keys(x.new_zeros(1, 1, 1, encoder_attention_mask.shape[1]), encoder_attention_mask)
         x = F.dropout(x, self.dropout, self.training)
-        new_past = []
         for i, block in enumerate(self.block):
-            x, layer_past = block(x, bias, encoder_hidden_states, cross_bias,
-                                  past_key_values[i] if past_key_values is not None else None)
-            new_past.append(layer_past)
-        return F.dropout(self.final_layer_norm(x), self.dropout, self.training), new_past
+            x = block(x, bias, i, cache, cross[i] if self.is_decoder else None, cross_bias)
+        return F.dropout(self.final_layer_norm(x), self.dropout, self.training)
 
 
 @dataclass
 class T5Cache:
-    """Generation state: encoder_outputs (B, T_enc, d_model), the encoder attention_mask (B, T_enc)
-    or None, and past_key_values in T5ForConditionalGeneration's layout."""
+    """Generation state: the encoder attention_mask (B, T_enc) or None, per decoder layer the encoder output's
+    cross-attention (k, v), computed once, and the decoder's self K/V (a models.cache.KVCache)."""
 
-    encoder_outputs: torch.Tensor
     attention_mask: Optional[torch.Tensor]
-    past_key_values: list
+    cross: list
+    self_attention: KVCache
+
+    @property
+    def past_key_values(self) -> list:
+        """What is held, in forward's layout: per layer (self_k, self_v, cross_k, cross_v), views."""
+        n, cache = self.self_attention.length, self.self_attention
+        return [(cache.k[i, :, :, :n], cache.v[i, :, :, :n], *kv) for i, kv in enumerate(self.cross)]
 
 
-class T5ForConditionalGeneration(nn.Module):
+class T5ForConditionalGeneration(PreTrainedModel):
     """T5 with its LM head. One embedding Parameter is shared by `shared`, both stacks' `embed_tokens`
     and, when tied, `lm_head`, so state_dict() names equal transformers' in-memory names.
 
@@ -285,6 +294,7 @@ class T5ForConditionalGeneration(nn.Module):
     config_class = T5Config
     checkpoint_layers = {"num_layers": r"encoder\.block\.(\d+)\.",  # models.loading.check_layer_count
                          "num_decoder_layers": r"decoder\.block\.(\d+)\."}
+    prefix_mask = "decoder_attention_mask"  # a learned prefix enters decoder self-attention only
 
     def __init__(self, config: T5Config):
         super().__init__()
@@ -329,23 +339,39 @@ class T5ForConditionalGeneration(nn.Module):
         encoder_outputs: (B, T_enc, d_model) to skip the encoder. Returns logits (B, T, V), loss
         (mean CE over labels != -100, no shift), past_key_values if use_cache, encoder_last_hidden_state."""
         if encoder_outputs is None:
-            encoder_outputs, _ = self.encoder(input_ids, inputs_embeds, attention_mask)
+            encoder_outputs = self.encoder(input_ids, inputs_embeds, attention_mask)
+        check_embeddings(encoder_outputs, "encoder_outputs", self.config.d_model)
         if labels is not None:
             check_token_ids(labels, "labels", self.config.vocab_size, allowed=(-100,))
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
-        y, past = self.decoder(decoder_input_ids, decoder_inputs_embeds, decoder_attention_mask,
-                               encoder_outputs, attention_mask, past_key_values)
-        if self.config.scale_decoder_outputs:
-            y = y * self.config.d_model ** -0.5
-        logits = self.lm_head(y)
+        layers = self.config.num_decoder_layers
+        cache = ConcatCache([kv[:2] for kv in past_key_values] if past_key_values else None, layers)
+        cross = self.decoder.cross_key_values(encoder_outputs, [kv[2:] for kv in past_key_values or ()])
+        y = self.decoder(decoder_input_ids, decoder_inputs_embeds, decoder_attention_mask, attention_mask,
+                         cache, cross)
+        logits = self._logits(y)
         loss = None if labels is None else F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                                            ignore_index=-100)
-        return ModelOutput(logits=logits, loss=loss, past_key_values=past if use_cache else None,
-                           encoder_last_hidden_state=encoder_outputs)
+        past = [(*kv, *ckv) for kv, ckv in zip(cache.layers, cross)] if use_cache else None
+        return ModelOutput(logits=logits, loss=loss, past_key_values=past, encoder_last_hidden_state=encoder_outputs)
+
+    def _logits(self, y):
+        return self.lm_head(y * self.config.d_model ** -0.5 if self.config.scale_decoder_outputs else y)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.shared
+
+    # -- hooks for lowrank (see models/__init__) --
+
+    def prefix_attention(self) -> tuple:
+        """(layers, heads, head_dim) of the attention a learned prefix enters: decoder self-attention."""
+        return self.config.num_decoder_layers, self.config.num_heads, self.config.d_kv
+
+    @staticmethod
+    def past_from_prefix(key_values: list) -> list:
+        """Per decoder layer (k, v), each (B, H, P, d_kv) -> forward's past_key_values (cross K/V computed)."""
+        return [(k, v, None, None) for k, v in key_values]
 
     # -- generation protocol (models/generate.py) --
 
@@ -355,31 +381,36 @@ class T5ForConditionalGeneration(nn.Module):
                           dtype=torch.long, device=input_ids.device)
 
     def prefill(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None):
-        """Runs the encoder once on input_ids (B, T_enc) or inputs_embeds (B, T_enc, d_model), and the decoder
-        on the start token -> (T5Cache, logits (B, V)). past_key_values: a learned decoder prefix in this
-        class's layout (cross K/V may be None), which the start token and every later token attend to."""
-        enc, _ = self.encoder(input_ids, inputs_embeds, attention_mask)
-        start = self.generation_prefix(enc)
-        out = self(decoder_input_ids=start, attention_mask=attention_mask, encoder_outputs=enc,
-                   past_key_values=past_key_values, use_cache=True)
-        return T5Cache(enc, attention_mask, out.past_key_values), out.logits[:, -1]
+        """Runs the encoder once on input_ids (B, T_enc) or inputs_embeds (B, T_enc, d_model), projects its
+        cross K/V once, and runs the decoder on the start token -> (T5Cache, logits (B, V)).
+        past_key_values: a learned decoder prefix in forward's layout (cross K/V may be None), which the start
+        token and every later token attend to."""
+        enc = self.encoder(input_ids, inputs_embeds, attention_mask)
+        c, layers = self.config, self.config.num_decoder_layers
+        P = past_length(past_key_values, layers)
+        cache = KVCache(layers, enc.shape[0], c.num_heads, c.d_kv, max(64, 2 * (P + 1)), enc.dtype, enc.device)
+        cache.load(past_key_values)
+        state = T5Cache(attention_mask, self.decoder.cross_key_values(enc, [kv[2:] for kv in past_key_values or ()]),
+                        cache)
+        return state, self._decode(state, self.generation_prefix(enc))
 
     def decode_step(self, cache: T5Cache, tokens):
-        """tokens: (B,) -> logits (B, V); appends to the self K/V in `cache`, reuses its cross K/V."""
-        out = self(decoder_input_ids=tokens[:, None], attention_mask=cache.attention_mask,
-                   encoder_outputs=cache.encoder_outputs, past_key_values=cache.past_key_values, use_cache=True)
-        cache.past_key_values = out.past_key_values
-        return out.logits[:, -1]
+        """tokens: (B,) -> logits (B, V); one decoder step: appends to the self K/V, reuses the cross K/V."""
+        return self._decode(cache, tokens[:, None])
 
-    def generate(self, input_ids, attention_mask=None, **kwargs):
-        from .generate import generate
-        return generate(self, input_ids, attention_mask, **kwargs)
+    def _decode(self, state: T5Cache, tokens):
+        """tokens (B, 1) -> next-token logits (B, V), the self K/V cache extended in place."""
+        state.self_attention.reserve(1)
+        y = self.decoder(tokens, attention_mask=None, encoder_attention_mask=state.attention_mask,
+                         cache=state.self_attention, cross=state.cross)
+        state.self_attention.advance(1)
+        return self._logits(y[:, -1])
 
     # -- checkpoint hooks (models/loading.py) --
 
     @staticmethod
     def normalize_checkpoint(tensors: dict, config: T5Config) -> dict:
-        """File keys -> state-dict keys (FORMATS B.2, B.5, G.2). The embedding is the first present of
+        """File keys -> state-dict keys (docs/formats.md B.2, B.5, G.2). The embedding is the first present of
         shared / encoder / decoder embed_tokens; lm_head is the file's if present, else the embedding.
         A tied config meeting a distinct lm_head is untied (config.tie_word_embeddings = False), as
         transformers does. Unknown keys pass through for the loader to report."""
@@ -403,7 +434,3 @@ class T5ForConditionalGeneration(nn.Module):
         if self.lm_head.weight is self.shared.weight:
             tied.append("lm_head.weight")
         return {k: v for k, v in self.state_dict().items() if k not in tied}
-
-    def save_pretrained(self, path):
-        from .loading import save_pretrained
-        save_pretrained(self, path)

@@ -1,6 +1,6 @@
 """The LoRA layer as a specification: y = x @ W + s * (x @ A) @ B + bias for nn.Linear and Conv1D bases,
 merge and unmerge as inverses, the disabled and B = 0 cases exactly the base, mixed batches row by row,
-and the weighted combinations of adapters (FORMATS C.3)."""
+and the weighted combinations of adapters (docs/formats.md C.3)."""
 import math
 
 import pytest

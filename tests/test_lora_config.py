@@ -1,5 +1,5 @@
 """LoraConfig: PEFT's fields and defaults, the JSON round trip, validation, and the module-matching rules
-(FORMATS C.1, C.3, C.4, C.5)."""
+(docs/formats.md C.1, C.3, C.4, C.5)."""
 import json
 import warnings
 
@@ -140,7 +140,7 @@ def test_default_targets_follow_the_model_type():
     assert gpt2.peft_config["default"].target_modules == ["c_attn"]
     t5 = get_peft_model(tiny_t5(), LoraConfig())
     keys = t5.adapter_tensors("default")
-    assert len(keys) == 24  # q and v of encoder and decoder self-attention and of cross-attention (FORMATS C.4)
+    assert len(keys) == 24  # q and v of encoder and decoder self-attention and of cross-attention (docs/formats.md C.4)
     assert any("EncDecAttention.q.lora_A" in k for k in keys)
 
 

@@ -1,6 +1,6 @@
 """PeftModel on the tiny GPT-2 and T5: injection and freezing, exact base behaviour when LoRA is off or
 zero, training that never moves a base weight, merging, many adapters, mixed batches, and adapter files
-that load bit-exactly or not at all (FORMATS C)."""
+that load bit-exactly or not at all (docs/formats.md C)."""
 import json
 import re
 from dataclasses import replace

@@ -1,5 +1,5 @@
 """Soft prompts (prompt tuning, prefix tuning, P-tuning) on the tiny GPT-2 and T5, as properties: configs that
-reject what they must, inputs extended exactly as FORMATS D.3/E.3 say, the prefix's effect on attention
+reject what they must, inputs extended exactly as docs/formats.md D.3/E.3 say, the prefix's effect on attention
 against a float64 hand computation, training that moves only the prompt, KV-cache generation equal to full
 recomputation and to each row alone, and files that load exactly or not at all."""
 import json
@@ -131,7 +131,7 @@ def test_a_config_that_does_not_fit_the_model_is_rejected_before_it_changes(kind
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-# -- the prompt in the inputs (FORMATS D.3, E.3) --
+# -- the prompt in the inputs (docs/formats.md D.3, E.3) --
 
 @given(batch=padded_batches(), n=st.integers(1, 5), kind=st.sampled_from(["gpt2", "t5"]))
 def test_virtual_tokens_extend_embeddings_mask_and_labels_exactly(batch, n, kind):
@@ -163,7 +163,7 @@ def test_prefix_extends_the_self_attention_mask_and_maps_slots_to_layers(batch, 
     kw = prompt_inputs(MODELS[kind], c, prefix, inputs)
     ones = torch.ones(B, n, dtype=torch.long)
     slots = prefix.view(n, 4, 4, 8)  # (N, 2L, H, head_dim)
-    # GPT-2 layer i takes slots 2i, 2i+1; T5 decoder layer i takes slots 4i mod 2L, 4i+1 mod 2L (FORMATS E.3)
+    # GPT-2 layer i takes slots 2i, 2i+1; T5 decoder layer i takes slots 4i mod 2L, 4i+1 mod 2L (docs/formats.md E.3)
     expected = {"gpt2": [(0, 1), (2, 3)], "t5": [(0, 1), (0, 1)]}[kind]
     for layer, (k_slot, v_slot) in zip(kw["past_key_values"], expected):
         assert torch.equal(layer[0], slots[:, k_slot].permute(1, 0, 2).expand(B, 4, n, 8))

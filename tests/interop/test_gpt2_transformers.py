@@ -114,5 +114,5 @@ def test_cpu_benchmark_runs_in_quick_mode(tmp_path):
     from bench.model_cpu import main
 
     rows = main(["--quick", "--repeats", "2", "--json", str(tmp_path / "model_cpu.json")])
-    assert [row["metric"] for row in rows] == ["prefill_tokens_per_s", "decode_ms_per_token", "load_ms"]
+    assert [row["metric"] for row in rows] == ["prefill_tokens_per_s", "decode_ms_per_token", "load_ms", "t5_generate_ms"]
     assert (tmp_path / "model_cpu.json").is_file()

@@ -1,6 +1,6 @@
 """Interop with peft 0.21 on transformers' tiny random GPT-2 and T5: an adapter peft saves loads here with
 the same logits, one saved here loads in peft with the same logits, adapter_config.json survives both
-ways, and the trainable-parameter counts agree (FORMATS C).
+ways, and the trainable-parameter counts agree (docs/formats.md C).
 
 modules_to_save is exercised on the final layer norms (GPT-2 `ln_f`, T5 `final_layer_norm`): peft
 supports any module there, and the norms avoid the lm_head/embedding tying that makes `lm_head` awkward.

@@ -1,4 +1,4 @@
-"""Interop with peft 0.21 for soft prompts (FORMATS D, E, F) on transformers' tiny random GPT-2 and T5: a
+"""Interop with peft 0.21 for soft prompts (docs/formats.md D, E, F) on transformers' tiny random GPT-2 and T5: a
 prompt peft saves loads here with the same logits and loss, one saved here loads in peft with the same
 logits, greedy generation gives the same tokens, adapter_config.json reads back field for field, and the
 trainable-parameter counts agree.

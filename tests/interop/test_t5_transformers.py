@@ -1,5 +1,5 @@
 """models.t5 against transformers' T5ForConditionalGeneration: files transformers writes load here with equal
-logits, loss and greedy tokens, and files written here load back into transformers (FORMATS.md B, G.2)."""
+logits, loss and greedy tokens, and files written here load back into transformers (docs/formats.md B, G.2)."""
 import json
 
 import pytest

@@ -1,0 +1,92 @@
+"""Attention key/value caches, one design for every model (gpt-fast's KVCache is the model).
+
+Both keep one (k, v) per layer, each (B, H, T, head_dim), and give a layer `update(layer, k, v) -> (all k,
+all v)`: the new keys and values appended to what is held.
+
+ConcatCache: the public `past_key_values` layout, extended by concatenation, so gradients flow into a learned
+prefix held in it (prefix tuning); what a model's forward(use_cache=True) returns.
+KVCache: preallocated buffers written in place, for generation: one step appends one token without copying
+what is held (capacity doubles when full, up to max_length).
+"""
+from typing import Optional
+
+import torch
+
+
+class ConcatCache:
+    """past: None or one (k, v) per layer, each (B, H, T, head_dim). `layers` is the extended list."""
+
+    def __init__(self, past, n_layer: int):
+        self.length = past_length(past, n_layer)
+        self.layers = list(past) if past is not None else [None] * n_layer
+
+    def update(self, layer: int, k, v):
+        if self.layers[layer] is not None:
+            k = torch.cat([self.layers[layer][0], k], dim=2)
+            v = torch.cat([self.layers[layer][1], v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+def past_length(past, n_layer: int) -> int:
+    """Tokens held by past (None or one (k, v, ...) per layer, k (B, H, T, head_dim)); ValueError unless it has
+    n_layer layers."""
+    if past is None:
+        return 0
+    if len(past) != n_layer:
+        raise ValueError(f"past_key_values has {len(past)} layers, the model has {n_layer}")
+    return past[0][0].size(2)
+
+
+class KVCache:
+    """Preallocated k, v buffers (n_layer, B, H, capacity, head_dim), valid up to `length`.
+
+    key_mask: None when no key is padding, else (B, capacity) bool, True for a real key (keys written later
+    are real). positions: (B,) each row's next position id, for models with absolute positions (None until
+    set by `advance`). max_length: the most tokens the model can attend over (None: no limit).
+    """
+
+    def __init__(self, n_layer: int, batch: int, heads: int, head_dim: int, capacity: int, dtype, device,
+                 key_mask: Optional[torch.Tensor] = None, max_length: Optional[int] = None):
+        shape = (n_layer, batch, heads, capacity, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.key_mask = None
+        if key_mask is not None:
+            self.key_mask = torch.ones(batch, capacity, dtype=torch.bool, device=device)
+            self.key_mask[:, : key_mask.size(1)] = key_mask.bool()
+        self.positions = None
+        self.length = 0
+        self.max_length = max_length
+
+    def reserve(self, n: int) -> None:
+        """Make room for n more tokens (doubling keeps appends amortised O(1) without knowing max_new_tokens)."""
+        capacity = self.k.size(3)
+        if self.length + n <= capacity:
+            return
+        capacity = max(2 * capacity, self.length + n)
+        if self.max_length is not None:
+            capacity = min(self.max_length, capacity)
+        grow = lambda buf: torch.cat([buf, buf.new_empty(*buf.shape[:3], capacity - buf.size(3), buf.size(4))], dim=3)
+        self.k, self.v = grow(self.k), grow(self.v)
+        if self.key_mask is not None:
+            pad = self.key_mask.new_ones(self.key_mask.size(0), capacity - self.key_mask.size(1))
+            self.key_mask = torch.cat([self.key_mask, pad], dim=1)
+
+    def update(self, layer: int, k, v):
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int, next_positions=None) -> None:
+        """Mark n written tokens valid; next_positions (B,): position ids of the next token."""
+        self.length += n
+        self.positions = next_positions
+
+    def load(self, past) -> None:
+        """Write past (one (k, v, ...) per layer, each (B, H, P, head_dim): a learned prefix) as the first P
+        tokens."""
+        for layer, (k, v, *_) in enumerate(past or ()):
+            self.update(layer, k, v)
+        self.advance(past_length(past, self.k.size(0)) if past else 0)
