@@ -3,7 +3,7 @@
 `lora_matmul` is the public entry; `lora_matmul_batched` is the mixed-adapter
 form, one adapter per row (kernels/batched.py). CUDA tensors run the Triton kernels
 (kernels/lora_triton.py); other devices run the same semantics in torch
-(kernels/torch_ref.py). NumPy float64 references live in kernels/reference.py.
+(kernels/torch_path.py). NumPy float64 references live in kernels/reference.py.
 """
 from typing import Optional
 
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .autograd import autocast_operands, lora_matmul_batched_op, lora_matmul_op, use_triton
-from .torch_ref import lora_batched_fwd_torch, lora_fwd_torch
+from .torch_path import lora_batched_fwd_torch, lora_fwd_torch
 
 __all__ = ["lora_matmul", "lora_matmul_batched", "use_triton"]
 

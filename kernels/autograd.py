@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .torch_ref import DROPOUT_INPUT, DROPOUT_OUTPUT, dropped_t_matmul_torch, lora_fwd_torch
+from .torch_path import DROPOUT_INPUT, DROPOUT_OUTPUT, dropped_t_matmul_torch, lora_fwd_torch
 
 
 # Triton reads TRITON_INTERPRET when imported, so only a process started with it can run the kernels on

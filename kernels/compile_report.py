@@ -37,7 +37,7 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from . import batched, lora_triton, tile_configs
-from .torch_ref import DROPOUT_OUTPUT
+from .torch_path import DROPOUT_OUTPUT
 
 
 @dataclass(frozen=True)

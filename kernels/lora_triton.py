@@ -36,7 +36,7 @@ import triton.language as tl
 from . import split_k, tile_configs
 from .tiles import (dot_precision, grouped_tile, interpreting, k_step, keep_scale, launch_tiles, rank_block,
                     rank_product, tile_ptrs, tuned)
-from .torch_ref import DROPOUT_INPUT, DROPOUT_OUTPUT, NO_DROPOUT
+from .torch_path import DROPOUT_INPUT, DROPOUT_OUTPUT, NO_DROPOUT
 
 
 @triton.jit

@@ -24,7 +24,7 @@ import triton.language as tl
 from . import tile_configs
 from .tiles import (INTERPRET_BLOCKS, dot_precision, grouped_tile, interpreting, k_step, keep_scale, launch_tiles,
                     sum_splits, tile_count, tile_ptrs, tuned)
-from .torch_ref import DROPOUT_INPUT, DROPOUT_OUTPUT
+from .torch_path import DROPOUT_INPUT, DROPOUT_OUTPUT
 
 # Ranks above this take the prefill path at any M: the epilogue holds all of xa's rank in registers.
 DECODE_MAX_R = 64
