@@ -3,15 +3,17 @@
 `lora_matmul` is the public entry; `lora_matmul_batched` is the mixed-adapter
 form, one adapter per row (kernels/batched.py). CUDA tensors run the Triton kernels
 (kernels/lora_triton.py); other devices run the same semantics in torch
-(kernels/torch_ref.py). NumPy float64 references live in kernels/reference.py.
+(kernels/torch_path.py). NumPy float64 references live in kernels/reference.py.
 """
+import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .autograd import autocast_operands, lora_matmul_batched_op, lora_matmul_op, use_triton
-from .torch_ref import lora_batched_fwd_torch, lora_fwd_torch
+from .torch_path import lora_batched_fwd_torch, lora_fwd_torch
 
 __all__ = ["lora_matmul", "lora_matmul_batched", "use_triton"]
 
@@ -69,6 +71,16 @@ def _check(x: Tensor, w: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor]) -
         raise ValueError(f"lora_matmul: bias has shape {tuple(bias.shape)}, expected ({N},)")
 
 
+def _check_scale(scale) -> float:
+    """scale as a float: TypeError unless a real number (not a bool, not a tensor), ValueError unless finite
+    (a NaN or inf scale would turn every output into NaN or inf without a word)."""
+    if isinstance(scale, bool) or not isinstance(scale, (float, int, numbers.Real)):
+        raise TypeError(f"lora_matmul: scale must be a real number, got {type(scale).__name__}")
+    if not -math.inf < scale < math.inf:  # not math.isfinite: torch.compile cannot trace it on a float argument
+        raise ValueError(f"lora_matmul: scale={scale!r} must be finite")
+    return float(scale)
+
+
 def _check_dropout(dropout_p) -> float:
     """dropout_p as a float; ValueError unless 0 <= dropout_p < 1."""
     p = float(dropout_p)
@@ -98,6 +110,7 @@ def lora_matmul(x: Tensor, W: Tensor, A: Tensor, B: Tensor, scale: float, bias: 
     a run (the two paths' masks differ).
     Under torch.autocast, x, W and bias take the autocast dtype; A and B keep theirs.
     """
+    scale = _check_scale(scale)
     if isinstance(x, Tensor) and torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
         # Before the checks: under autocast x, W and bias may arrive in different dtypes.
         x, W, bias = autocast_operands(x, W, bias, x.device.type)
@@ -110,35 +123,61 @@ def _lora_matmul(x, W, A, B, scale, bias, dropout_p, seed) -> Tensor:
     if not _well_formed(x, W, A, B, bias):
         _check(x, W, A, B, bias)
     p = _check_dropout(dropout_p) if dropout_p else 0.0
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(_rows(x), x.shape[-1])
     if use_triton(x):
         if seed is None:  # one draw from torch's default generator, so torch.manual_seed reproduces a run
             seed = int(torch.randint(0, 2**31 - 1, ()).item()) if p else 0
-        y, _ = lora_matmul_op(x2, W, A, B, float(scale), bias, p, int(seed))
+        y, _ = lora_matmul_op(x2, W, A, B, scale, bias, p, int(seed))
     else:
         # Plain torch ops: autograd and torch.compile see through them, and eager
         # calls skip the custom op's dispatch cost (about 0.1 ms, a decode step's worth).
-        y, _ = lora_fwd_torch(x2, W, A, B, float(scale), bias, p, seed)
+        y, _ = lora_fwd_torch(x2, W, A, B, scale, bias, p, seed)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], W.shape[1])
 
 
-def _check_batched(x, w, a_stack, b_stack, scales, adapter_index, bias) -> None:
+def _rows(x: Tensor) -> int:
+    """The rows of x (..., K) seen as a matrix (reshape(-1, K) cannot tell them when K = 0)."""
+    return math.prod(x.shape[:-1])
+
+
+def _check_scales(scales, n: int, device) -> Tensor:
+    """scales as an (n,) fp32 tensor on `device`: TypeError unless a tensor or a sequence of real numbers,
+    ValueError unless n of them, all finite."""
+    if isinstance(scales, (str, bytes)) or scales is None:
+        raise TypeError(f"lora_matmul_batched: scales must be a tensor or a sequence of numbers, got "
+                        f"{type(scales).__name__}")
+    try:
+        scales = torch.as_tensor(scales, dtype=torch.float32, device=device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"lora_matmul_batched: scales must be a tensor or a sequence of numbers: {e}") from None
+    if scales.shape != (n,):
+        raise ValueError(f"lora_matmul_batched: scales has shape {tuple(scales.shape)}, expected ({n},)")
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError(f"lora_matmul_batched: scales must be finite; got {scales.tolist()}")
+    return scales
+
+
+def _check_batched(x, w, a_stack, b_stack, scales, adapter_index, bias) -> Tensor:
+    """The checked scales (see _check_scales); ValueError/TypeError naming the operand at fault."""
+    for name, t in (("x", x), ("W", w), ("A_stack", a_stack), ("B_stack", b_stack), ("adapter_index", adapter_index)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"lora_matmul_batched: {name} must be a tensor, got {type(t).__name__}")
     if a_stack.dim() != 3 or b_stack.dim() != 3:
         raise ValueError(f"lora_matmul_batched: expected A_stack (n, K, r) and B_stack (n, r, N); got "
                          f"{tuple(a_stack.shape)} and {tuple(b_stack.shape)}")
-    n, K = a_stack.shape[:2]
+    n = a_stack.shape[0]
     if n < 1 or b_stack.shape[0] != n:
         raise ValueError(f"lora_matmul_batched: A_stack holds {n} adapters and B_stack {b_stack.shape[0]}; "
                          "need the same number, at least 1")
     _check(x, w, a_stack[0], b_stack[0], bias)
-    if scales.shape != (n,):
-        raise ValueError(f"lora_matmul_batched: scales has shape {tuple(scales.shape)}, expected ({n},)")
-    if adapter_index.dtype not in (torch.int32, torch.int64) or adapter_index.numel() != x.numel() // max(K, 1):
+    scales = _check_scales(scales, n, x.device)
+    if adapter_index.dtype not in (torch.int32, torch.int64) or adapter_index.numel() != _rows(x):
         raise ValueError(f"lora_matmul_batched: adapter_index must be int32/int64 with one entry per row of x "
-                         f"({x.numel() // max(K, 1)}); got {adapter_index.dtype} {tuple(adapter_index.shape)}")
+                         f"({_rows(x)}); got {adapter_index.dtype} {tuple(adapter_index.shape)}")
     if adapter_index.numel() and (int(adapter_index.min()) < -1 or int(adapter_index.max()) >= n):
         raise ValueError(f"lora_matmul_batched: adapter_index values must lie in [-1, {n - 1}]; got "
                          f"[{int(adapter_index.min())}, {int(adapter_index.max())}]")
+    return scales
 
 
 def lora_matmul_batched(x: Tensor, W: Tensor, A_stack: Tensor, B_stack: Tensor, scales, adapter_index: Tensor,
@@ -151,9 +190,8 @@ def lora_matmul_batched(x: Tensor, W: Tensor, A_stack: Tensor, B_stack: Tensor, 
     One launch per call on CUDA whatever the mix of adapters. Returns (..., N).
     Differentiable in x, A_stack, B_stack, bias.
     """
-    scales = torch.as_tensor(scales, dtype=torch.float32, device=x.device)
-    _check_batched(x, W, A_stack, B_stack, scales, adapter_index, bias)
-    x2, index = x.reshape(-1, x.shape[-1]), adapter_index.reshape(-1).to(x.device)
+    scales = _check_batched(x, W, A_stack, B_stack, scales, adapter_index, bias)
+    x2, index = x.reshape(_rows(x), x.shape[-1]), adapter_index.reshape(-1).to(x.device)
     if use_triton(x):
         order = torch.argsort(index, stable=True)
         y, _ = lora_matmul_batched_op(x2, W, A_stack, B_stack, scales, order, index[order].to(torch.int32), bias)

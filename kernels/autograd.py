@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .torch_ref import DROPOUT_INPUT, DROPOUT_OUTPUT, dropped_t_matmul_torch, lora_fwd_torch
+from .torch_path import DROPOUT_INPUT, DROPOUT_OUTPUT, dropped_t_matmul_torch, lora_fwd_torch
 
 
 # Triton reads TRITON_INTERPRET when imported, so only a process started with it can run the kernels on
@@ -36,6 +36,8 @@ _FORCED_AT_START = os.environ.get("LOWRANK_FORCE_TRITON") == "1"
 def use_triton(x: Tensor) -> bool:
     """CUDA tensors go to Triton; LOWRANK_FORCE_TRITON=1 sends CPU tensors to the interpreter (which needs
     TRITON_INTERPRET=1, set before the process imports triton)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"use_triton: x must be a tensor, got {type(x).__name__}")
     if x.is_cuda:
         return True
     if not (_INTERPRETER_AT_START or _FORCED_AT_START):

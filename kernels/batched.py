@@ -13,7 +13,9 @@ prefill; the shrink and the low-rank term loop over that range with masked
 dots, so a tile pays one small dot per adapter it holds. The low-rank term
 seeds the tile's one fp32 accumulator, which the K loop then adds x @ W to.
 Adapters of lower rank are zero-padded to r inside the stacks: the padded
-columns add exact zeros.
+columns add exact zeros. The pieces (the K loop, the rank-sliced xa @ B, the
+epilogue) are kernels/tiles.py's, as in the single-adapter kernels, over
+gathered rows.
 
 Decode-sized batches (M <= DECODE_MAX_M) split K as the single-adapter path
 does (kernels/split_k.py): the base product's slices are summed by an epilogue
@@ -24,8 +26,8 @@ import triton
 import triton.language as tl
 
 from . import split_k, tile_configs
-from .tiles import (dot_precision, grouped_tile, interpreting, k_step, launch_tiles, rank_block, rank_product,
-                    sum_splits, tile_ptrs, tuned)
+from .tiles import (dot_precision, fused_outputs, grouped_tile, k_loop, launch_tiles, rank_block,
+                    rank_product, shrink_blocks, store_tile, sum_splits, tuned, write_output)
 
 
 @triton.jit
@@ -41,16 +43,16 @@ def _tile_adapter_range(idx_ptr, offs_m, M):
 
 @triton.jit
 def _adapters_product(xa_ptr, b_ptr, scales_ptr, idx_ptr, offs_m, offs_n, mask_n, M, R,
-                      stride_xam, stride_xar, stride_bn_, stride_br, stride_bcol,
+                      stride_xam, stride_xar, stride_b_adapter, stride_br, stride_bn,
                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """s[i] * xa @ B[i] on each row of a (BLOCK_M, BLOCK_N) tile of sorted rows, i its adapter (0 on base
     rows), in one fp32 tile: every row sees only its own adapter's B, so the scales apply per row after."""
     ad, lo, hi = _tile_adapter_range(idx_ptr, offs_m, M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for adapter in range(lo, hi + 1):
-        b_adapter = b_ptr + tl.cast(adapter, tl.int64) * stride_bn_
+        b_adapter = b_ptr + tl.cast(adapter, tl.int64) * stride_b_adapter
         acc = rank_product(acc, xa_ptr, b_adapter, offs_m, offs_n, ad == adapter, mask_n, R,
-                           stride_xam, stride_xar, stride_br, stride_bcol, PRECISION, BLOCK_R)
+                           stride_xam, stride_xar, stride_br, stride_bn, PRECISION, BLOCK_R)
     return acc * tl.load(scales_ptr + ad, mask=ad >= 0, other=0.0).to(tl.float32)[:, None]
 
 
@@ -58,68 +60,50 @@ def _adapters_product(xa_ptr, b_ptr, scales_ptr, idx_ptr, offs_m, offs_n, mask_n
 def _batched_shrink_kernel(
     x_ptr, a_ptr, xa_ptr, rows_ptr, idx_ptr,
     M, K, R,
-    stride_xm, stride_xk, stride_an, stride_ak, stride_ar, stride_xam, stride_xar,
+    stride_xm, stride_xk, stride_a_adapter, stride_ak, stride_ar, stride_xam, stride_xar,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """xa[j] = x[rows[j]] @ A[idx[j]] for sorted positions j; zero where idx[j] = -1."""
+    """xa[j] = x[rows[j]] @ A[idx[j]] for sorted positions j; zero where idx[j] = -1.
+    grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    rows = tl.load(rows_ptr + offs_m, mask=offs_m < M, other=0)
+    mask_m, mask_r = offs_m < M, offs_r < R
+    rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)
     ad, lo, hi = _tile_adapter_range(idx_ptr, offs_m, M)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for adapter in range(lo, hi + 1):
-        sel = ad == adapter
-        x_ptrs = tile_ptrs(x_ptr, rows, offs_k, stride_xm, stride_xk)
-        a_ptrs = tile_ptrs(a_ptr + tl.cast(adapter, tl.int64) * stride_an, offs_k, offs_r, stride_ak, stride_ar)
-        for k0 in range(0, K, BLOCK_K):
-            mask_k = offs_k < K - k0
-            x = tl.load(x_ptrs, mask=sel[:, None] & mask_k[None, :], other=0.0)
-            a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
-            acc = tl.dot(x, a, acc, input_precision=PRECISION)
-            x_ptrs += k_step(stride_xk, BLOCK_K)
-            a_ptrs += k_step(stride_ak, BLOCK_K)
-    tl.store(tile_ptrs(xa_ptr, offs_m, offs_r, stride_xam, stride_xar), acc.to(xa_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+        a_adapter = a_ptr + tl.cast(adapter, tl.int64) * stride_a_adapter
+        xa = k_loop(xa, x_ptr, a_adapter, rows, offs_r, ad == adapter, mask_r, 0, K,
+                    stride_xm, stride_xk, stride_ak, stride_ar, PRECISION, BLOCK_K)
+    store_tile(xa_ptr, xa, offs_m, offs_r, mask_m, mask_r, stride_xam, stride_xar)
 
 
 @triton.jit
 def _batched_fwd_kernel(
     x_ptr, w_ptr, b_ptr, xa_ptr, bias_ptr, y_ptr, rows_ptr, idx_ptr, scales_ptr,
     M, N, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_wk, stride_wn, stride_bn_, stride_br, stride_bcol,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_b_adapter, stride_br, stride_bn,
     stride_xam, stride_xar, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) tile of y over sorted rows; M_BUCKET only keys the autotuner."""
-    _, offs_m, offs_n, mask_m, mask_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m, offs_n, mask_m, mask_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)
     acc = _adapters_product(xa_ptr, b_ptr, scales_ptr, idx_ptr, offs_m, offs_n, mask_n, M, R,
-                            stride_xam, stride_xar, stride_bn_, stride_br, stride_bcol,
+                            stride_xam, stride_xar, stride_b_adapter, stride_br, stride_bn,
                             PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
-    x_ptrs = tile_ptrs(x_ptr, rows, offs_k, stride_xm, stride_xk)
-    w_ptrs = tile_ptrs(w_ptr, offs_k, offs_n, stride_wk, stride_wn)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_ptrs += k_step(stride_xk, BLOCK_K)
-        w_ptrs += k_step(stride_wk, BLOCK_K)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(tile_ptrs(y_ptr, rows, offs_n, stride_ym, stride_yn), acc.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    acc = k_loop(acc, x_ptr, w_ptr, rows, offs_n, mask_m, mask_n, 0, K, stride_xm, stride_xk, stride_wk, stride_wn,
+                 PRECISION, BLOCK_K)
+    write_output(y_ptr, acc, bias_ptr, rows, offs_n, mask_m, mask_n, stride_ym, stride_yn, HAS_BIAS)
 
 
 @triton.jit
 def _batched_split_k_epilogue_kernel(
     part_ptr, nsplit_ptr, b_ptr, xa_ptr, bias_ptr, y_ptr, rows_ptr, idx_ptr, scales_ptr,
     M, N, R,
-    stride_bn_, stride_br, stride_bcol, stride_xam, stride_xar, stride_ym, stride_yn,
+    stride_b_adapter, stride_br, stride_bn, stride_xam, stride_xar, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -131,12 +115,9 @@ def _batched_split_k_epilogue_kernel(
     rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)
     acc = sum_splits(part_ptr, nsplit_ptr, rows, offs_n, mask_m, mask_n, M, N, BLOCK_M, BLOCK_N)
     acc += _adapters_product(xa_ptr, b_ptr, scales_ptr, idx_ptr, offs_m, offs_n, mask_n, M, R,
-                             stride_xam, stride_xar, stride_bn_, stride_br, stride_bcol,
+                             stride_xam, stride_xar, stride_b_adapter, stride_br, stride_bn,
                              PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(tile_ptrs(y_ptr, rows, offs_n, stride_ym, stride_yn), acc.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    write_output(y_ptr, acc, bias_ptr, rows, offs_n, mask_m, mask_n, stride_ym, stride_yn, HAS_BIAS)
 
 
 _batched_fwd_tuned = tuned(_batched_fwd_kernel, key=["M_BUCKET", "N", "K", "R", "PRECISION"])
@@ -152,29 +133,26 @@ def lora_batched_fwd(x, w, a_stack, b_stack, scales, order, idx_sorted, bias=Non
     """
     M, K = x.shape
     N, R = w.shape[1], a_stack.shape[2]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
-    if M == 0 or N == 0:
+    y, xa, done = fused_outputs(x, N, R, x.dtype, bias)
+    if done:
         return y, xa
     precision = dot_precision(x.dtype)
+    block_m, block_k = shrink_blocks(M)
     block_r = rank_block(R)
-    shrink_m, shrink_k = (32, 32) if interpreting() else (16 if M <= 64 else 64, 64)
-    _batched_shrink_kernel[(triton.cdiv(M, shrink_m), triton.cdiv(R, block_r))](
+    _batched_shrink_kernel[(triton.cdiv(M, block_m), triton.cdiv(R, block_r))](
         x, a_stack, xa, order, idx_sorted, M, K, R,
         x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
         xa.stride(0), xa.stride(1),
-        PRECISION=precision, BLOCK_M=shrink_m, BLOCK_K=shrink_k, BLOCK_R=block_r,
+        PRECISION=precision, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
     )
     lora_strides = (b_stack.stride(0), b_stack.stride(1), b_stack.stride(2), xa.stride(0), xa.stride(1))
     if M <= tile_configs.DECODE_MAX_M:
         part, _, nsplit = split_k.split_k_partials(x, w)
-        block_m = tile_configs.decode_block_m(M)
-        _batched_split_k_epilogue_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, split_k.EPILOGUE_BLOCK_N))](
-            part, nsplit, b_stack, xa, bias if bias is not None else y, y, order, idx_sorted, scales,
-            M, N, R, *lora_strides, y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_N=split_k.EPILOGUE_BLOCK_N, BLOCK_R=block_r, num_warps=4,
-        )
+        split_k.launch_epilogue(
+            _batched_split_k_epilogue_kernel, M, N, R,
+            (part, nsplit, b_stack, xa, bias if bias is not None else y, y, order, idx_sorted, scales,
+             M, N, R, *lora_strides, y.stride(0), y.stride(1)),
+            dict(HAS_BIAS=bias is not None, PRECISION=precision))
         return y, xa
     args = (
         x, w, b_stack, xa, bias if bias is not None else y, y, order, idx_sorted, scales,

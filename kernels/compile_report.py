@@ -36,8 +36,8 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from . import batched, lora_triton, tile_configs
-from .torch_ref import DROPOUT_OUTPUT
+from . import batched, lora_triton, tile_configs, tiles
+from .torch_path import DROPOUT_OUTPUT
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def _meta(*shape, dtype):
 
 def record_launches(targets=(80, 90), sites=None, dtypes=None) -> list:
     """Launches of every call site for every dtype and target (sites and dtypes filtered by name when given)."""
-    if not isinstance(lora_triton._lora_fwd_kernel, JITFunction):
+    if not isinstance(tiles.k_loop, JITFunction):
         raise RuntimeError("triton was imported with TRITON_INTERPRET=1: the interpreter builds no binaries; "
                            "run the report in a process without it")
     launches = []

@@ -10,6 +10,10 @@ Two launches for prefill-sized M:
    two), the K loop adds x @ W, the epilogue the bias, and y is written once.
    Neither x @ W nor the unscaled (x @ A) @ B ever reaches memory.
 
+Both are made of kernels/tiles.py's pieces: the shrink is one `k_loop` over x's
+rows and A's ranks; the forward is `grouped_tile`, `rank_product`, a `k_loop`
+over x @ W and `write_output`.
+
 For decode-sized M (at most DECODE_MAX_M rows, rank at most DECODE_MAX_R) the
 launchers of kernels/split_k.py split K over the grid instead, so that a
 product bound by reading W once has programs on every SM.
@@ -34,9 +38,9 @@ import triton
 import triton.language as tl
 
 from . import split_k, tile_configs
-from .tiles import (dot_precision, grouped_tile, interpreting, k_step, keep_scale, launch_tiles, rank_block,
-                    rank_product, tile_ptrs, tuned)
-from .torch_ref import DROPOUT_INPUT, DROPOUT_OUTPUT, NO_DROPOUT
+from .tiles import (dot_precision, filled_without_launch, fused_outputs, grouped_tile, k_loop, keep_scale,
+                    launch_tiles, rank_block, rank_product, shrink_blocks, store_tile, tuned, write_output)
+from .torch_path import DROPOUT_INPUT, DROPOUT_OUTPUT, NO_DROPOUT
 
 
 @triton.jit
@@ -51,21 +55,11 @@ def _shrink_kernel(
     dtype. grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = tile_ptrs(x_ptr, offs_m, offs_k, stride_xm, stride_xk)
-    a_ptrs = tile_ptrs(a_ptr, offs_k, offs_r, stride_ak, stride_ar)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0)
-        a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
-        if DROPOUT:
-            x = x * keep_scale(seed, p, offs_m, k0 + offs_k, mask_stride_m, mask_stride_k)
-        acc = tl.dot(x.to(a.dtype), a, acc, input_precision=PRECISION)
-        x_ptrs += k_step(stride_xk, BLOCK_K)
-        a_ptrs += k_step(stride_ak, BLOCK_K)
-    tl.store(tile_ptrs(xa_ptr, offs_m, offs_r, stride_xam, stride_xar), acc.to(xa_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+    mask_m, mask_r = offs_m < M, offs_r < R
+    xa = k_loop(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, offs_m, offs_r, mask_m, mask_r,
+                0, K, stride_xm, stride_xk, stride_ak, stride_ar, PRECISION, BLOCK_K,
+                DROPOUT, seed, p, mask_stride_m, mask_stride_k)
+    store_tile(xa_ptr, xa, offs_m, offs_r, mask_m, mask_r, stride_xam, stride_xar)
 
 
 @triton.jit
@@ -85,26 +79,15 @@ def _lora_fwd_kernel(
     The accumulator starts as s * xa @ B and the K loop adds x @ W on top: one (BLOCK_M, BLOCK_N) fp32
     tile alive, so the large tiles fit in registers.
     """
-    pid_n, offs_m, offs_n, mask_m, mask_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m, offs_n, mask_m, mask_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = rank_product(acc, xa_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_xam, stride_xar,
                        stride_br, stride_bn, LORA_PRECISION, BLOCK_R) * scale
     if DROPOUT == 2:  # DROPOUT_OUTPUT
         acc = acc * keep_scale(seed, p, offs_m, offs_n, mask_stride_row, mask_stride_col)
-    x_ptrs = tile_ptrs(x_ptr, offs_m, offs_k, stride_xm, stride_xk)
-    w_ptrs = tile_ptrs(w_ptr, offs_k, offs_n, stride_wk, stride_wn)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_ptrs += k_step(stride_xk, BLOCK_K)
-        w_ptrs += k_step(stride_wk, BLOCK_K)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(tile_ptrs(y_ptr, offs_m, offs_n, stride_ym, stride_yn), acc.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    acc = k_loop(acc, x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, 0, K, stride_xm, stride_xk, stride_wk, stride_wn,
+                 PRECISION, BLOCK_K)
+    write_output(y_ptr, acc, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn, HAS_BIAS)
 
 
 _lora_fwd_tuned = tuned(_lora_fwd_kernel, key=["M_BUCKET", "N", "K", "R", "DROPOUT", "PRECISION", "LORA_PRECISION"])
@@ -123,13 +106,9 @@ def lora_fwd(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     """
     M, K = x.shape
     N, R = w.shape[1], a.shape[1]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    xa = torch.empty((M, R), device=x.device, dtype=a.dtype)
-    if M == 0 or N == 0:
+    y, xa, done = fused_outputs(x, N, R, a.dtype, bias)
+    if done:
         return y, xa
-    if K == 0:
-        y.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(y))
-        return y, xa.zero_()
     mode = dropout if dropout_p > 0 else NO_DROPOUT
     mask_strides = (N, 1) if mode == DROPOUT_OUTPUT else (K, 1)
     if M <= tile_configs.DECODE_MAX_M and R <= split_k.DECODE_MAX_R:
@@ -150,17 +129,18 @@ def lora_fwd(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
 
 def shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor, dropout_p: float = 0.0, seed: int = 0,
            mask_strides=(0, 0)) -> torch.Tensor:
-    """out (M, r) = D @ a for x (M, K), a (K, r), any strides; D = x, or with dropout_p > 0 x times the mask
-    of `seed`, whose index for x[m, k] is m * mask_strides[0] + k * mask_strides[1]. Used for xa in the
-    forward and, on transposed views, for dA = D.T @ g in the backward."""
+    """out (M, r) = D @ a for x (M, K), a (K, r), any strides, K > 0; D = x, or with dropout_p > 0 x times
+    the mask of `seed`, whose index for x[m, k] is m * mask_strides[0] + k * mask_strides[1]. Used for xa
+    in the forward and, on transposed views, for dA = D.T @ g in the backward."""
     M, K = x.shape
     R = a.shape[1]
-    block, block_r = 32 if interpreting() else 64, rank_block(R)
-    grid = (triton.cdiv(M, block), triton.cdiv(R, block_r))
-    _shrink_kernel[grid](
+    block_m, block_k = shrink_blocks(M)
+    block_r = rank_block(R)
+    _shrink_kernel[(triton.cdiv(M, block_m), triton.cdiv(R, block_r))](
         x, a, out, M, K, R, seed, float(dropout_p),
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1), *mask_strides,
-        DROPOUT=dropout_p > 0, PRECISION=dot_precision(a.dtype), BLOCK_M=block, BLOCK_K=block, BLOCK_R=block_r,
+        DROPOUT=dropout_p > 0, PRECISION=dot_precision(a.dtype), BLOCK_M=block_m, BLOCK_K=block_k,
+        BLOCK_R=block_r,
     )
     return out
 
@@ -170,6 +150,6 @@ def dropped_t_matmul(x: torch.Tensor, g: torch.Tensor, dropout_p: float, seed: i
     (index m * K + k), in g's dtype: the backward's dA / s."""
     M, K = x.shape
     out = torch.empty((K, g.shape[1]), device=x.device, dtype=g.dtype)
-    if out.numel() == 0 or M == 0:
-        return out.zero_()
+    if filled_without_launch(out, M):
+        return out
     return shrink(x.T, g, out, dropout_p, seed, mask_strides=(1, K))

@@ -7,7 +7,7 @@ covers tile_configs.DECODE_WAVES waves of the SMs (tile_configs.split_k), in two
 
 1. `_split_k_kernel`: program (tile, s) writes part[s] = x[:, Ks] @ W[Ks, tile] in fp32 for its K slice
    Ks; cdiv(M, BLOCK_M) more programs per slice write xa_part[s] = D[:, Ks] @ A[Ks] (D: x, masked for
-   LoRA dropout). Separate programs rather than a second loop in the first column block's: that block
+   LoRA dropout). Both are tiles.k_loop over the slice's K range. Separate programs rather than a second loop in the first column block's: that block
    finished last, and the two loops in one program spilled 4-16 bytes on sm_90.
 2. `_split_k_epilogue_kernel`: sums the slices in a fixed order (deterministic, no atomics), rounds xa to
    A's dtype as the unfused expression does, and adds s * xa @ B (masked for the backward's dropout) and
@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from . import tile_configs
-from .tiles import (INTERPRET_BLOCKS, dot_precision, grouped_tile, interpreting, k_step, keep_scale, launch_tiles,
-                    sum_splits, tile_count, tile_ptrs, tuned)
-from .torch_ref import DROPOUT_INPUT, DROPOUT_OUTPUT
+from .tiles import (INTERPRET_BLOCKS, dot_precision, grouped_tile, interpreting, k_loop, keep_scale, launch_tiles,
+                    rank_block, store_tile, sum_splits, tile_count, tile_ptrs, tuned, write_output)
+from .torch_path import DROPOUT_INPUT, DROPOUT_OUTPUT
 
 # Ranks above this take the prefill path at any M: the epilogue holds all of xa's rank in registers.
 DECODE_MAX_R = 64
@@ -40,19 +40,10 @@ def _slice_product(x_ptr, w_ptr, part_ptr, M, N, k_begin, k_end, split, stride_x
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
     """part[split] = x[:, k_begin:k_end] @ W[k_begin:k_end] on this program's (BLOCK_M, BLOCK_N) tile."""
-    _, offs_m, offs_n, mask_m, mask_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = tile_ptrs(x_ptr, offs_m, k_begin + offs_k, stride_xm, stride_xk)
-    w_ptrs = tile_ptrs(w_ptr, k_begin + offs_k, offs_n, stride_wk, stride_wn)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        mask_k = offs_k < k_end - k0
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_ptrs += k_step(stride_xk, BLOCK_K)
-        w_ptrs += k_step(stride_wk, BLOCK_K)
-    tl.store(tile_ptrs(part_ptr, split * M + offs_m, offs_n, N, 1), acc, mask=mask_m[:, None] & mask_n[None, :])
+    offs_m, offs_n, mask_m, mask_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = k_loop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n,
+                 k_begin, k_end, stride_xm, stride_xk, stride_wk, stride_wn, PRECISION, BLOCK_K)
+    store_tile(part_ptr, acc, split * M + offs_m, offs_n, mask_m, mask_n, N, 1)
 
 
 @triton.jit
@@ -62,22 +53,12 @@ def _slice_shrink(x_ptr, a_ptr, xa_part_ptr, row_block, M, R, k_begin, k_end, sp
                   BLOCK_R: tl.constexpr):
     """xa_part[split] = D[:, k_begin:k_end] @ A[k_begin:k_end] on rows row_block * BLOCK_M + [0, BLOCK_M)."""
     offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, SHRINK_BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m, mask_r = offs_m < M, offs_r < R
-    x_ptrs = tile_ptrs(x_ptr, offs_m, k_begin + offs_k, stride_xm, stride_xk)
-    a_ptrs = tile_ptrs(a_ptr, k_begin + offs_k, offs_r, stride_ak, stride_ar)
-    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, SHRINK_BLOCK_K):
-        mask_k = offs_k < k_end - k0
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        if DROPOUT:
-            x = x * keep_scale(seed, p, offs_m, k0 + offs_k, mask_stride_row, mask_stride_col)
-        xa = tl.dot(x.to(a.dtype), a, xa, input_precision=LORA_PRECISION)
-        x_ptrs += k_step(stride_xk, SHRINK_BLOCK_K)
-        a_ptrs += k_step(stride_ak, SHRINK_BLOCK_K)
-    tl.store(tile_ptrs(xa_part_ptr, split * M + offs_m, offs_r, R, 1), xa, mask=mask_m[:, None] & mask_r[None, :])
+    xa = k_loop(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, offs_m, offs_r, mask_m, mask_r,
+                k_begin, k_end, stride_xm, stride_xk, stride_ak, stride_ar, LORA_PRECISION, SHRINK_BLOCK_K,
+                DROPOUT, seed, p, mask_stride_row, mask_stride_col)
+    store_tile(xa_part_ptr, xa, split * M + offs_m, offs_r, mask_m, mask_r, R, 1)
 
 
 @triton.jit
@@ -133,25 +114,17 @@ def _split_k_epilogue_kernel(
     xa = sum_splits(xa_part_ptr, nsplit_ptr, offs_m, offs_r, mask_m, mask_r, M, R, BLOCK_M, BLOCK_R)
     xa = xa.to(xa_ptr.dtype.element_ty)
     if tl.program_id(1) == 0:
-        tl.store(tile_ptrs(xa_ptr, offs_m, offs_r, stride_xam, stride_xar), xa, mask=mask_m[:, None] & mask_r[None, :])
+        store_tile(xa_ptr, xa, offs_m, offs_r, mask_m, mask_r, stride_xam, stride_xar)
     b = tl.load(tile_ptrs(b_ptr, offs_r, offs_n, stride_br, stride_bn), mask=mask_r[:, None] & mask_n[None, :],
                 other=0.0)
     lora = tl.dot(xa, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), input_precision=LORA_PRECISION)
     if DROPOUT:
         lora = lora * keep_scale(seed, p, offs_m, offs_n, mask_stride_row, mask_stride_col)
     acc += scale * lora
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(tile_ptrs(y_ptr, offs_m, offs_n, stride_ym, stride_yn), acc.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    write_output(y_ptr, acc, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn, HAS_BIAS)
 
 
 _split_k_tuned = tuned(_split_k_kernel, key=["M_BUCKET", "N", "K", "R", "SHRINK", "DROPOUT", "PRECISION"])
-
-
-def decode_block_r(R: int) -> int:
-    """BLOCK_R covering all of R (at most DECODE_MAX_R), at least 16 for tl.dot."""
-    return max(16, triton.next_power_of_2(R))
 
 
 def split_k_partials(x: torch.Tensor, w: torch.Tensor, a=None, dropout_p: float = 0.0, seed: int = 0,
@@ -177,7 +150,7 @@ def split_k_partials(x: torch.Tensor, w: torch.Tensor, a=None, dropout_p: float 
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), lora.stride(0), lora.stride(1), *mask_strides,
     )
     flags = dict(SHRINK=a is not None, DROPOUT=dropout_p > 0, PRECISION=precision,
-                 LORA_PRECISION=dot_precision(lora.dtype), BLOCK_R=decode_block_r(R))
+                 LORA_PRECISION=dot_precision(lora.dtype), BLOCK_R=rank_block(R))
 
     def grid(meta):
         shrinks = triton.cdiv(M, meta["BLOCK_M"]) if a is not None else 0
@@ -187,6 +160,14 @@ def split_k_partials(x: torch.Tensor, w: torch.Tensor, a=None, dropout_p: float 
     return part, xa_part, nsplit
 
 
+def launch_epilogue(kernel, M: int, N: int, R: int, args: tuple, flags: dict) -> None:
+    """Run a split-K epilogue over the (M, N) output: (decode_block_m(M), EPILOGUE_BLOCK_N) tiles, 4 warps,
+    BLOCK_R covering the rank R (at most DECODE_MAX_R)."""
+    block_m = tile_configs.decode_block_m(M)
+    kernel[(triton.cdiv(M, block_m), triton.cdiv(N, EPILOGUE_BLOCK_N))](
+        *args, **flags, BLOCK_M=block_m, BLOCK_N=EPILOGUE_BLOCK_N, BLOCK_R=rank_block(R), num_warps=4)
+
+
 def lora_decode_fwd(x, w, a, b, scale: float, bias, y, xa, dropout_p: float, seed: int, mode: int,
                     mask_strides) -> None:
     """lora_fwd (kernels/lora_triton.py) for M <= DECODE_MAX_M, R <= DECODE_MAX_R: fills y (M, N) and
@@ -194,12 +175,9 @@ def lora_decode_fwd(x, w, a, b, scale: float, bias, y, xa, dropout_p: float, see
     M, N, R = x.shape[0], w.shape[1], a.shape[1]
     part, xa_part, nsplit = split_k_partials(x, w, a, dropout_p if mode == DROPOUT_INPUT else 0.0, seed,
                                              mask_strides)
-    block_m = tile_configs.decode_block_m(M)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, EPILOGUE_BLOCK_N))
-    _split_k_epilogue_kernel[grid](
-        part, xa_part, nsplit, b, bias if bias is not None else y, y, xa,
-        M, N, R, float(scale), seed, dropout_p,
-        b.stride(0), b.stride(1), xa.stride(0), xa.stride(1), y.stride(0), y.stride(1), *mask_strides,
-        HAS_BIAS=bias is not None, DROPOUT=mode == DROPOUT_OUTPUT, LORA_PRECISION=dot_precision(a.dtype),
-        BLOCK_M=block_m, BLOCK_N=EPILOGUE_BLOCK_N, BLOCK_R=decode_block_r(R), num_warps=4,
-    )
+    launch_epilogue(
+        _split_k_epilogue_kernel, M, N, R,
+        (part, xa_part, nsplit, b, bias if bias is not None else y, y, xa,
+         M, N, R, float(scale), seed, dropout_p,
+         b.stride(0), b.stride(1), xa.stride(0), xa.stride(1), y.stride(0), y.stride(1), *mask_strides),
+        dict(HAS_BIAS=bias is not None, DROPOUT=mode == DROPOUT_OUTPUT, LORA_PRECISION=dot_precision(a.dtype)))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .torch_ref import DROPOUT_OUTPUT
+from .torch_path import DROPOUT_OUTPUT
 
 # Rows at or below which the launchers take the split-K decode path.
 DECODE_MAX_M = 64

@@ -1,5 +1,13 @@
-"""What the Triton kernels share: tile addressing, LoRA dropout's mask, dot precision, and the launch of
-a kernel tiled over an (M, N) output.
+"""The building blocks every Triton kernel here is made of, and the launch of a kernel tiled over an (M, N)
+output. The kernels (kernels/lora_triton.py, batched.py, split_k.py) are these pieces put in order:
+
+    grouped_tile   which (BLOCK_M, BLOCK_N) tile of the output this program writes
+    k_loop         acc + D[rows, k_begin:k_end] @ W[k_begin:k_end, cols]: the masked K loop of every
+                   product, x @ W and the shrink x @ A alike (D: x, or x under LoRA dropout's mask)
+    rank_product   acc + xa @ B in BLOCK_R-wide rank slices: the low-rank term of an output tile
+    sum_splits     the sum of a split-K kernel's fp32 partial products
+    write_output   + bias, one rounding to y's dtype, the masked store
+    shrink_blocks, rank_block, dot_precision, launch_tiles: the launchers' choices, made once
 
 Element offsets are int64 (`tile_ptrs`, `k_step`): row * stride passes 2^31 elements for 1M tokens at
 K = 8192, and so does a column index times M on the backward's transposed views. The indices themselves
@@ -54,7 +62,7 @@ def k_step(stride, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's (BLOCK_M, BLOCK_N) tile of the (M, N) output: (pid_n, offs_m, offs_n, mask_m, mask_n).
+    """This program's (BLOCK_M, BLOCK_N) tile of the (M, N) output: (offs_m, offs_n, mask_m, mask_n).
     Grouped launch order: GROUP_M row blocks share each column block of W while it sits in L2."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -66,7 +74,30 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     pid_n = (pid % num_pid_in_group) // group_size_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return pid_n, offs_m, offs_n, offs_m < M, offs_n < N
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def k_loop(acc, x_ptr, w_ptr, rows, cols, row_mask, col_mask, k_begin, k_end,
+           stride_xm, stride_xk, stride_wk, stride_wn, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+           DROPOUT: tl.constexpr = False, seed=0, p=0.0, mask_stride_row=0, mask_stride_col=0):
+    """acc + D[rows, k_begin:k_end] @ w[k_begin:k_end, cols] on one fp32 tile, D = x (rows where row_mask),
+    or with DROPOUT x * keep / (1 - p), the mask read at (row, k) through mask_stride_*; x is taken in w's
+    dtype. w is W for the base product x @ W, A for the shrink x @ A (cols then its ranks); rows may be
+    gathered (the mixed-adapter kernels' sorted rows)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = tile_ptrs(x_ptr, rows, k_begin + offs_k, stride_xm, stride_xk)
+    w_ptrs = tile_ptrs(w_ptr, k_begin + offs_k, cols, stride_wk, stride_wn)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        mask_k = offs_k < k_end - k0
+        x = tl.load(x_ptrs, mask=row_mask[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & col_mask[None, :], other=0.0)
+        if DROPOUT:
+            x = x * keep_scale(seed, p, rows, k0 + offs_k, mask_stride_row, mask_stride_col)
+        acc = tl.dot(x.to(w.dtype), w, acc, input_precision=PRECISION)
+        x_ptrs += k_step(stride_xk, BLOCK_K)
+        w_ptrs += k_step(stride_wk, BLOCK_K)
+    return acc
 
 
 @triton.jit
@@ -98,6 +129,22 @@ def sum_splits(part_ptr, nsplit_ptr, rows, cols, row_mask, col_mask, M, COLS,
     return acc
 
 
+@triton.jit
+def store_tile(out_ptr, acc, rows, cols, row_mask, col_mask, stride_rows, stride_cols):
+    """out[rows, cols] = acc in out's dtype, where row_mask and col_mask."""
+    tl.store(tile_ptrs(out_ptr, rows, cols, stride_rows, stride_cols), acc.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def write_output(y_ptr, acc, bias_ptr, rows, offs_n, row_mask, mask_n, stride_ym, stride_yn,
+                 HAS_BIAS: tl.constexpr):
+    """y[rows, offs_n] = acc + bias (with HAS_BIAS), rounded once to y's dtype: how every kernel ends."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    store_tile(y_ptr, acc, rows, offs_n, row_mask, mask_n, stride_ym, stride_yn)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 follows torch's TF32 switch, as torch.matmul does; 16-bit types use tensor cores."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
@@ -106,8 +153,41 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def rank_block(R: int) -> int:
-    """BLOCK_R for reading xa or A in rank slices: R rounded up to a power of 2, within 16..64."""
+    """BLOCK_R for reading xa or A in rank slices: R rounded up to a power of 2, within 16..64 (on the
+    decode path, where R <= 64, one slice covers all of R)."""
     return min(64, max(16, triton.next_power_of_2(R)))
+
+
+def shrink_blocks(M: int) -> tuple:
+    """(BLOCK_M, BLOCK_K) of the shrink kernels over M rows: 16 rows up to a decode batch, 64 above."""
+    if interpreting():
+        return 32, 32
+    return (16 if M <= tile_configs.DECODE_MAX_M else 64), 64
+
+
+def filled_without_launch(y: torch.Tensor, K: int, bias=None, *zeros: torch.Tensor) -> bool:
+    """Whether a product over K needs no kernel, with its outputs filled when so: y is empty (no rows or
+    columns to write), or K = 0, where y is the bias (or 0) and each of `zeros` is 0."""
+    if y.numel() == 0:
+        return True
+    if K > 0:
+        return False
+    if bias is not None:
+        y.copy_(bias.expand_as(y))
+    else:
+        y.zero_()
+    for t in zeros:
+        t.zero_()
+    return True
+
+
+def fused_outputs(x: torch.Tensor, N: int, R: int, lora_dtype: torch.dtype, bias=None) -> tuple:
+    """(y (M, N) in x's dtype, xa (M, R) in lora_dtype, done) for a fused launcher over x (M, K): done when
+    filled_without_launch has filled them, K = 0 included."""
+    M, K = x.shape
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    xa = torch.empty((M, R), device=x.device, dtype=lora_dtype)
+    return y, xa, filled_without_launch(y, K, bias, xa)
 
 
 def tuned(kernel, key: list):

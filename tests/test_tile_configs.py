@@ -12,7 +12,7 @@ import triton
 from lowrank import kernels
 from lowrank.kernels import reference, tile_configs, tiles
 from lowrank.kernels.tile_configs import H100, Target
-from lowrank.kernels.torch_ref import DROPOUT_INPUT, DROPOUT_OUTPUT, NO_DROPOUT
+from lowrank.kernels.torch_path import DROPOUT_INPUT, DROPOUT_OUTPUT, NO_DROPOUT
 
 from .kernel_checks import assert_matches, backend, keep_of, make, to64
 from .test_batched import check_batched
