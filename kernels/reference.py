@@ -1,7 +1,7 @@
 """NumPy float64 references for the LoRA matmul, its gradients, and the batched form.
 
 Nothing here imports torch: these are the outside witnesses the kernels are
-checked against. Shapes follow DESIGN.md: x (M, K), W (K, N), A (K, r), B (r, N).
+checked against. Shapes follow docs/equation.md 1: x (M, K), W (K, N), A (K, r), B (r, N).
 
     y   = x @ W + s * (D @ A) @ B + bias
     g   = dY @ B.T                      (M, r)
