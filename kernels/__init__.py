@@ -40,7 +40,7 @@ def _check(x: Tensor, w: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor]) -
         raise TypeError(f"lora_matmul: x must be a floating-point tensor, got "
                         f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
     for name, t in (("W", w), ("A", a), ("B", b), ("bias", bias)):
-        if t is not None and not isinstance(t, Tensor):
+        if not isinstance(t, Tensor) and (t is not None or name != "bias"):
             raise TypeError(f"lora_matmul: {name} must be a tensor, got {type(t).__name__}")
         if t is not None and t.device != x.device:
             raise ValueError(f"lora_matmul: {name} is on {t.device} but x is on {x.device}")
@@ -81,11 +81,16 @@ def _check_scale(scale) -> float:
     return float(scale)
 
 
-def _check_dropout(dropout_p) -> float:
-    """dropout_p as a float; ValueError unless 0 <= dropout_p < 1."""
+def _check_dropout(dropout_p, seed) -> float:
+    """dropout_p as a float (TypeError unless a real number, ValueError unless 0 <= dropout_p < 1); seed None or
+    an integer in [0, 2**63)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"lora_matmul: dropout_p must be a real number, got {type(dropout_p).__name__}")
     p = float(dropout_p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"lora_matmul: dropout_p={dropout_p!r} must be in [0, 1)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise ValueError(f"lora_matmul: seed={seed!r} must be None or an integer in [0, 2**63)")
     return p
 
 
@@ -122,7 +127,7 @@ def lora_matmul(x: Tensor, W: Tensor, A: Tensor, B: Tensor, scale: float, bias: 
 def _lora_matmul(x, W, A, B, scale, bias, dropout_p, seed) -> Tensor:
     if not _well_formed(x, W, A, B, bias):
         _check(x, W, A, B, bias)
-    p = _check_dropout(dropout_p) if dropout_p else 0.0
+    p = _check_dropout(dropout_p, seed) if dropout_p is not None else 0.0
     x2 = x if x.dim() == 2 else x.reshape(_rows(x), x.shape[-1])
     if use_triton(x):
         if seed is None:  # one draw from torch's default generator, so torch.manual_seed reproduces a run

@@ -11,6 +11,7 @@ stderr naming the problem (code 1), never a traceback (LOWRANK_TRACEBACK=1 shows
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -26,6 +27,7 @@ from . import models
 from . import config as peft_configs
 from . import data, io
 from .config import is_encoder_decoder
+from .files import inside, read_json_object
 from .peft_model import PeftModel, get_peft_model
 from .train import MIXED_PRECISION, SCHEDULES, Trainer, TrainingConfig
 
@@ -125,6 +127,9 @@ def max_length(args, model, config) -> int:
     if positions is None:
         return args.max_length or 512
     virtual = getattr(config, "num_virtual_tokens", 0)
+    if virtual >= positions:
+        raise ValueError(f"--num-virtual-tokens {virtual} leaves no room for a token: the model holds "
+                         f"n_positions={positions} positions")
     if args.max_length is not None and args.max_length > positions - virtual:
         raise ValueError(f"--max-length {args.max_length} does not fit: the model holds n_positions={positions} "
                          f"tokens, {virtual} of them virtual")
@@ -173,24 +178,37 @@ def finetune(args) -> None:
 
 def generate(args) -> None:
     """One generation per --adapter, each on the plain base model (LoRA and soft prompts cannot share one
-    model), or one without adapters. Every adapter folder is read first, so a bad one prints nothing else."""
+    model), or one without adapters. Everything is generated before anything is printed, so a bad adapter
+    prints nothing else. A model with a position limit generates at most what still fits (said on stderr)."""
     model, tokenizer = _load_model_and_tokenizer(args.model, args.tokenizer, args.device)
-    for folder in args.adapter:
-        io.read_adapter(folder)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in tokenizer([args.prompt]).items()}
     if batch["input_ids"].numel() == 0:
         raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens")
-    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id)
+    settings = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    texts = []
     for folder in args.adapter or [None]:
         peft = model if folder is None else PeftModel.from_pretrained(model, folder)
-        out = peft.generate(**batch, **settings)
+        virtual = 0 if folder is None else getattr(peft.peft_config["default"], "num_virtual_tokens", None) or 0
+        new = _new_tokens_that_fit(model, batch["input_ids"].shape[1] + virtual, args.max_new_tokens)
+        out = peft.generate(**batch, max_new_tokens=new, **settings)
         text = tokenizer.decode(out[0, peft.generation_prefix(batch["input_ids"]).shape[1]:])
-        print(f"[{folder}] {text}" if folder is not None else text)
+        texts.append(f"[{folder}] {text}" if folder is not None else text)
         if folder is not None:
             model = peft.unload()
+    print("\n".join(texts))
+
+
+def _new_tokens_that_fit(model, used: int, wanted: int) -> int:
+    positions = getattr(model, "max_positions", None)
+    if positions is None or used + wanted <= positions:
+        return wanted
+    if used >= positions:
+        raise ValueError(f"the prompt takes {used} of the model's {positions} positions: no room for a new token")
+    print(f"lowrank generate: --max-new-tokens {wanted} capped at {positions - used}: the model holds "
+          f"{positions} positions, the prompt takes {used}", file=sys.stderr)
+    return positions - used
 
 
 def merge(args) -> None:
@@ -208,6 +226,13 @@ def merge(args) -> None:
 
 
 def _tensor_shapes(file: Path) -> dict:
+    """{key: (shape, dtype)} of a safetensors file, or of every shard a model.safetensors.index.json names."""
+    if file.name == models.INDEX_NAME:
+        weight_map = read_json_object(file).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{file}: no 'weight_map' object")
+        shards = {inside(file.parent, name, f"{file}: weight_map") for name in weight_map.values()}
+        return {k: v for shard in sorted(shards) for k, v in _tensor_shapes(shard).items()}
     try:
         with safe_open(file, framework="pt") as f:
             return {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
@@ -226,7 +251,11 @@ def info(args) -> None:
     elif (path / models.CONFIG_NAME).is_file():
         fields = models.read_config(path)
         weights = path / models.WEIGHTS_NAME
-        title = f"model: {fields.get('model_type')} ({', '.join(fields.get('architectures', []))})"
+        if not weights.is_file() and (path / models.INDEX_NAME).is_file():
+            weights = path / models.INDEX_NAME
+        architectures = fields.get("architectures", [])
+        names = architectures if isinstance(architectures, list) else [architectures]
+        title = f"model: {fields.get('model_type')} ({', '.join(str(a) for a in names)})"
     else:
         raise FileNotFoundError(f"{path}: neither {io.CONFIG_NAME} (an adapter) nor config.json (a model)")
     if not weights.is_file():
@@ -237,6 +266,22 @@ def info(args) -> None:
     print(title)
     print(json.dumps(fields, indent=2, sort_keys=True))
     print(f"{weights.name}: {len(shapes)} tensors, {count:,d} parameters ({', '.join(dtypes)})")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -289,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: the model folder)")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="with --do-sample (default 1)")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="with --do-sample (default 1)")
     p.add_argument("--top-k", type=positive_int, help="with --do-sample: sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="with --do-sample: sample from the smallest set holding mass p")
+    p.add_argument("--top-p", type=probability, help="with --do-sample: sample from the smallest set holding mass p")
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.set_defaults(run=generate)

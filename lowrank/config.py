@@ -11,7 +11,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar, Optional, Union
 
-from .checks import check_types, is_count
+from .checks import check_types, is_count, is_number
 from .errors import ConfigError
 
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -169,12 +169,14 @@ class LoraConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError(f"{name}: layers_pattern={self.layers_pattern!r} needs layers_to_transform")
         layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
-        if layers is not None and not all(isinstance(i, int) and i >= 0 for i in layers):
+        if layers is not None and not all(is_count(i, 0) for i in layers):
             raise ConfigError(f"{name}: layers_to_transform={self.layers_to_transform!r} must be ints >= 0")
         for field_name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
             for key, value in getattr(self, field_name).items():
+                if not isinstance(key, str):
+                    raise ConfigError(f"{name}: {field_name} key {key!r} must be a string (a module-name regex)")
                 _check_regex(name, f"{field_name} key", key)
-                if isinstance(value, bool) or not isinstance(value, kind) or value < 1:
+                if not (is_count(value) if kind is int else is_number(value)) or value < 1:
                     raise ConfigError(f"{name}: {field_name}[{key!r}]={value!r} must be a number >= 1"
                                      + (" (an integer)" if kind is int else ""))
 

@@ -40,6 +40,8 @@ def read_records(path) -> list:
     suffix = path.suffix.lower()
     try:
         records = _records(path, suffix)
+    except csv.Error as e:  # a field over csv's size limit, a NUL byte
+        raise ValueError(f"{path}: not a csv file this reader takes ({e})") from None
     except UnicodeDecodeError:
         raw = path.read_bytes()
         try:
@@ -75,6 +77,8 @@ def _jsonl_records(path: Path, lines):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {i}, column {e.colno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path}, line {i}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise ValueError(f"{path}, line {i}: expected a JSON object, got {type(row).__name__}")
         yield Record(row, i)
@@ -101,13 +105,23 @@ def column(record: Record, name: str, path) -> str:
     value = record.fields[name]
     if not isinstance(value, str):
         raise ValueError(f"{path}, line {record.line}, column {name!r}: expected text, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON) is no text a tokenizer takes
+        raise ValueError(f"{path}, line {record.line}, column {name!r}: not text ({e.reason} at character "
+                         f"{e.start})") from None
     return value
 
 
 def resolve_eos(tokenizer, eos_token_id) -> Optional[int]:
     """The eos id examples end in: the tokenizer's own for TOKENIZER_EOS (ValueError if it has none), else
     eos_token_id as given (None: no eos)."""
+    if not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "eos_token_id"):
+        raise TypeError(f"tokenizer must be a models.load_tokenizer tokenizer, got {type(tokenizer).__name__}")
     if eos_token_id != TOKENIZER_EOS:
+        if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
+                                         or eos_token_id < 0):
+            raise ValueError(f"eos_token_id={eos_token_id!r} must be a token id >= 0, None or {TOKENIZER_EOS!r}")
         return eos_token_id
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no end-of-sequence token (</s>, <|endoftext|>, <eos> or [SEP]); "
@@ -133,9 +147,9 @@ def _fit(ids: list, max_length: int, truncation: str, where: str, end: Optional[
     return ids[:max_length]
 
 
-def _check_options(max_length: int, truncation: str) -> None:
-    if max_length < 1:
-        raise ValueError(f"max_length={max_length} must be >= 1")
+def _check_options(max_length: int, truncation: str, name: str = "max_length") -> None:
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"{name}={max_length!r} must be an integer >= 1")
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation={truncation!r} must be one of {TRUNCATION}")
 
@@ -160,6 +174,8 @@ def causal_lm_examples(path, tokenizer, max_length: int, prompt_column: str = "p
             ids = _fit(_with_eos(tokenizer.encode(column(r, text_column, path)), eos_token_id), max_length,
                        truncation, where)
             labels = list(ids)
+            if not ids:
+                raise ValueError(f"{where}: column {text_column!r} has no tokens (and eos_token_id=None)")
         else:
             prompt = tokenizer.encode(column(r, prompt_column, path))
             completion = _with_eos(tokenizer.encode(column(r, completion_column, path), add_special_tokens=False),
@@ -181,12 +197,15 @@ def seq2seq_examples(path, tokenizer, max_length: int, max_target_length: Option
     max_target_length = max_length if max_target_length is None else max_target_length
     eos_token_id = resolve_eos(tokenizer, eos_token_id)
     _check_options(max_length, truncation)
-    _check_options(max_target_length, truncation)
+    _check_options(max_target_length, truncation, "max_target_length")
     examples = []
     for r in read_records(path):
         where = f"{path}, line {r.line}"
         source = _with_eos(tokenizer.encode(column(r, source_column, path)), eos_token_id)
         target = _with_eos(tokenizer.encode(column(r, target_column, path)), eos_token_id)
+        for name, ids in ((source_column, source), (target_column, target)):
+            if not ids:
+                raise ValueError(f"{where}, column {name!r}: no tokens (and eos_token_id=None)")
         examples.append({
             "input_ids": _fit(source, max_length, truncation, f"{where}, column {source_column!r}", eos_token_id),
             "labels": _fit(target, max_target_length, truncation, f"{where}, column {target_column!r}", eos_token_id)})

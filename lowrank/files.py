@@ -44,8 +44,8 @@ def read_json_object(file: Path) -> dict:
     object (a list, a number)."""
     try:
         value = json.loads(Path(file).read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: not a valid UTF-8 JSON file ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{file}: not a valid UTF-8 JSON file ({str(e)[:200] or 'nested too deeply'})") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(value).__name__}")
     return value

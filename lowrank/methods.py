@@ -60,24 +60,40 @@ class LoraMethod:
     # -- adapters --
 
     def add(self, name: str, config):
-        """Inject `name` into every targeted layer (all checked first, by resolve_config); the resolved config."""
+        """Inject `name` into every targeted layer (all checked first, by resolve_config); the resolved config.
+        If a layer still fails (memory for a huge rank), every layer added so far is taken out again."""
         config, plan = resolve_config(self.model, config)
         to_save = find_modules_to_save(self.model, config)
-        for path, (r, alpha) in plan.items():
-            layer = self.model.get_submodule(path)
-            if not isinstance(layer, LoraLayer):
-                layer = LoraLayer(layer)
-                self.model.set_submodule(path, layer)
-            weight_dtype = layer.base_layer.weight.dtype
-            upcast = self.autocast_adapter_dtype and weight_dtype in (torch.float16, torch.bfloat16)
-            layer.update_layer(name, r, alpha, config.lora_dropout, config.init_lora_weights,
-                               config.use_rslora, dtype=torch.float32 if upcast else weight_dtype)
-        for path in to_save:
-            wrapper = self.model.get_submodule(path)
-            if not isinstance(wrapper, ModulesToSaveWrapper):
-                wrapper = ModulesToSaveWrapper(wrapper)
-                self.model.set_submodule(path, wrapper)
-            wrapper.update(name)
+        taken = [p for p in to_save if isinstance(self.model.get_submodule(p), LoraLayer)]
+        if taken:
+            raise ValueError(f"modules_to_save={config.modules_to_save!r} names {taken}, which hold LoRA layers of "
+                             f"another adapter; a module is either adapted or copied")
+        wrapped = {}  # path -> the module it held before this call wrapped it
+        try:
+            for path, (r, alpha) in plan.items():
+                layer = self.model.get_submodule(path)
+                if not isinstance(layer, LoraLayer):
+                    wrapped[path], layer = layer, LoraLayer(layer)
+                    self.model.set_submodule(path, layer)
+                weight_dtype = layer.base_layer.weight.dtype
+                upcast = self.autocast_adapter_dtype and weight_dtype in (torch.float16, torch.bfloat16)
+                layer.update_layer(name, r, alpha, config.lora_dropout, config.init_lora_weights,
+                                   config.use_rslora, dtype=torch.float32 if upcast else weight_dtype)
+            for path in to_save:
+                wrapper = self.model.get_submodule(path)
+                if not isinstance(wrapper, ModulesToSaveWrapper):
+                    wrapped[path], wrapper = wrapper, ModulesToSaveWrapper(wrapper)
+                    self.model.set_submodule(path, wrapper)
+                wrapper.update(name)
+        except BaseException as e:
+            for m in self.layers():
+                m.delete_adapter(name)
+            for path, module in wrapped.items():
+                self.model.set_submodule(path, module)
+            if isinstance(e, RuntimeError):  # the allocator's, for a rank too large for memory
+                raise ValueError(f"adapter {name!r} could not be built (r={config.r}, nothing was added): "
+                                 f"{' '.join(str(e).split())[:160]}") from None
+            raise
         return config
 
     def delete(self, name: str) -> None:
@@ -124,6 +140,8 @@ class LoraMethod:
         if adapter_names is None:
             yield
             return
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise ValueError(f"adapter_names={adapter_names!r} must be a list of adapter names, one per row")
         unknown = sorted(set(adapter_names) - set(configs) - {BASE})
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {sorted(configs)} and {BASE!r}")

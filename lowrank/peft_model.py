@@ -17,7 +17,8 @@ from . import io
 from .checks import is_count, is_number
 from .errors import CheckpointError
 from .files import checked_name
-from .lora import BASE
+from .config import PeftConfig
+from .lora import BASE, LoraLayer, ModulesToSaveWrapper
 from .methods import method_for
 
 
@@ -30,6 +31,12 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True):
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_config(peft_config)
+        if any(isinstance(m, (LoraLayer, ModulesToSaveWrapper)) for m in model.modules()):
+            raise ValueError(f"{type(model).__name__} already holds adapter layers (it is wrapped by another "
+                             f"PeftModel); add adapters through that PeftModel (add_adapter, load_adapter)")
         self.method = method_for(peft_config)(model, autocast_adapter_dtype)
         for name, module in self.method.submodules().items():  # base_model (and prompt_encoder), PEFT's names
             self.add_module(name, module)
@@ -80,6 +87,7 @@ class PeftModel(nn.Module):
         """Add a new adapter (inactive unless it is the first): LoRA layers, or a soft prompt's encoder.
         Everything is checked before the model changes."""
         checked_name(adapter_name, "adapter name")
+        _check_config(peft_config)
         if adapter_name in self.peft_config or adapter_name == BASE:
             raise ValueError(f"adapter name {adapter_name!r} is taken")
         if not self.method.takes(peft_config):
@@ -90,7 +98,10 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name) -> None:
         """Make one adapter, or a list of adapters that add up, active (and trainable unless loaded for
         inference). Merged adapters are unmerged first, as PEFT does."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"adapter_name={adapter_name!r} must be an adapter's name or a non-empty list of names")
+        names = list(names)
         self._check_names(names)
         self.method.check_active(names)
         self._active = names
@@ -98,13 +109,18 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_names([adapter_name])
+        if list(self.peft_config) == [adapter_name]:
+            raise ValueError(f"adapter {adapter_name!r} is the only one; a PeftModel keeps at least one (unload() "
+                             f"returns the plain model)")
         self.method.delete(adapter_name)
         del self.peft_config[adapter_name]
         self._active = [a for a in self._active if a != adapter_name] or list(self.peft_config)[:1]
         self._sync()
 
     def _check_names(self, names) -> None:
-        unknown = [n for n in names if n not in self.peft_config]
+        if not self.peft_config:
+            raise ValueError("this PeftModel has no adapters left (merge_and_unload or unload took them out)")
+        unknown = [n for n in names if not isinstance(n, str) or n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapters {unknown}; this model has {sorted(self.peft_config)}")
 
@@ -146,6 +162,8 @@ class PeftModel(nn.Module):
         """A new adapter mixing `adapters` with `weights` (see lora.combine_adapters): "cat" (rank = sum of
         ranks, exact), "svd" (rank svd_rank, default the largest rank; exact at full rank) or "linear"
         (equal ranks, PEFT's approximation). The new adapter has lora_alpha = r, so scaling 1."""
+        if not isinstance(adapters, (list, tuple)) or not adapters or not isinstance(weights, (list, tuple)):
+            raise ValueError(f"adapters={adapters!r} and weights={weights!r} must be non-empty lists of one length")
         self._check_names(adapters)
         if len(weights) != len(adapters):
             raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
@@ -185,7 +203,9 @@ class PeftModel(nn.Module):
         its folder (files.write_folder)."""
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         self._check_names(names)
-        for name in names:  # names were checked when the adapters were added: each stays inside save_directory
+        for name in names:  # again here, in case peft_config was edited by hand: a subfolder, never outside
+            checked_name(name, "adapter name")
+        for name in names:
             folder = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = replace(self.peft_config[name], inference_mode=True)
             io.write_adapter(folder, config.to_dict(), self.adapter_tensors(name))
@@ -195,6 +215,7 @@ class PeftModel(nn.Module):
                         autocast_adapter_dtype: bool = True) -> "PeftModel":
         """Wrap `model` with the adapter saved at `model_id`; the file is checked in full first."""
         checked_name(adapter_name, "adapter name")
+        _check_flag("is_trainable", is_trainable)
         config, tensors = _read_checked(model, model_id, is_trainable)
         peft = cls(model, config, adapter_name, autocast_adapter_dtype)
         peft._copy_in(adapter_name, tensors)
@@ -203,6 +224,7 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False) -> None:
         """Add the adapter saved at `model_id` under `adapter_name` (not activated, as in PEFT)."""
         checked_name(adapter_name, "adapter name")
+        _check_flag("is_trainable", is_trainable)
         config, tensors = _read_checked(self.get_base_model(), model_id, is_trainable)
         self.add_adapter(adapter_name, config)
         self._copy_in(adapter_name, tensors)
@@ -213,6 +235,17 @@ class PeftModel(nn.Module):
         assert live.keys() == tensors.keys(), sorted(live.keys() ^ tensors.keys())
         for key, tensor in tensors.items():
             live[key].copy_(tensor)
+
+
+def _check_config(peft_config) -> None:
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a PeftConfig instance (LoraConfig(...), PromptTuningConfig(...), ...), "
+                        f"got {peft_config!r}")
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be True or False")
 
 
 def _read_checked(model: nn.Module, model_id, is_trainable: bool) -> tuple:

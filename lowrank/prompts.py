@@ -53,6 +53,10 @@ def resolve_config(model: nn.Module, config: PromptLearningConfig) -> PromptLear
     config = replace(config, **filled)
     if config.num_transformer_submodules == 2 and not is_encoder_decoder(model):
         raise ValueError(f"num_transformer_submodules=2 needs an encoder-decoder model, not a {type(model).__name__}")
+    positions = getattr(model, "max_positions", None)
+    if positions is not None and config.num_virtual_tokens >= positions:
+        raise ValueError(f"num_virtual_tokens={config.num_virtual_tokens} leaves no room for a token: the model "
+                         f"holds {positions} positions")
     if isinstance(config, PrefixTuningConfig):
         _check_prefix_fits(model, config)
     else:
@@ -182,9 +186,15 @@ def init_token_ids(config: PromptTuningConfig, rows: int, vocab_size: int) -> to
 
 # -- the prompt in the model's inputs --
 
-def _pad_before(t, n: int, value):
-    """t (B, T) -> (B, n + T) with `value` in the first n columns; None stays None."""
-    return None if t is None else torch.cat([t.new_full((t.shape[0], n), value), t], dim=1)
+def _pad_before(kw: dict, name: str, n: int, value):
+    """kw[name] (B, T) -> (B, n + T) with `value` in the first n columns; absent or None stays None."""
+    t = kw.get(name)
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ValueError(f"{name} must be a (batch, sequence) tensor, got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    return torch.cat([t.new_full((t.shape[0], n), value), t], dim=1)
 
 
 def prefix_key_values(config: PrefixTuningConfig, prefix: torch.Tensor, batch: int) -> list:
@@ -229,7 +239,7 @@ def prompt_inputs(model: nn.Module, config: PromptLearningConfig, prompt: torch.
 
 def _with_virtual_tokens(model, rows, kw, enc_dec: bool) -> dict:
     n = rows.shape[0]
-    kw["attention_mask"] = _pad_before(kw.get("attention_mask"), n, 1)
+    kw["attention_mask"] = _pad_before(kw, "attention_mask", n, 1)
     if "encoder_outputs" in kw or (not enc_dec and "past_key_values" in kw):
         return kw
     ids, embeds = kw.pop("input_ids", None), kw.pop("inputs_embeds", None)
@@ -238,20 +248,21 @@ def _with_virtual_tokens(model, rows, kw, enc_dec: bool) -> dict:
     embeds = table(ids) if embeds is None else embeds
     kw["inputs_embeds"] = torch.cat([rows.to(embeds.dtype).expand(embeds.shape[0], -1, -1), embeds], dim=1)
     if not enc_dec:
-        kw["labels"] = _pad_before(kw.get("labels"), n, -100)
+        kw["labels"] = _pad_before(kw, "labels", n, -100)
     return kw
 
 
 def _with_prefix(model, config: PrefixTuningConfig, prefix, kw) -> dict:
     n = config.num_virtual_tokens
-    kw[model.prefix_mask] = _pad_before(kw.get(model.prefix_mask), n, 1)
+    kw[model.prefix_mask] = _pad_before(kw, model.prefix_mask, n, 1)
     if "position_ids" in kw:
         kw["position_ids"] = kw["position_ids"] + n
     if "past_key_values" in kw:
         return kw
-    batch = next((kw[k].shape[0] for k in ("input_ids", "inputs_embeds", "encoder_outputs") if k in kw), None)
-    if batch is None:
-        raise ValueError("pass input_ids, inputs_embeds or encoder_outputs")
+    given = [kw[k] for k in ("input_ids", "inputs_embeds", "encoder_outputs") if k in kw]
+    if not given or not isinstance(given[0], torch.Tensor) or given[0].dim() < 2:
+        raise ValueError("pass input_ids (batch, sequence), inputs_embeds or encoder_outputs as tensors")
+    batch = given[0].shape[0]
     past = prefix_key_values(config, prefix.to(model.get_input_embeddings().weight.dtype), batch)
     kw["past_key_values"] = model.past_from_prefix(past)
     return kw

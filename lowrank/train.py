@@ -18,9 +18,11 @@ settings that order the data, which a resumed run must match: tensors and number
 weights_only=True) and `rng_state_<rank>.pt` per process.
 """
 import contextlib
+import copy
 import json
 import math
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -78,10 +80,21 @@ class TrainingConfig:
     def __post_init__(self):
         check_types(self)
         self.device = None if self.device is None else str(self.device)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(f"TrainingConfig: device={self.device!r} is not a device torch knows "
+                                  f"(cpu, cuda, cuda:N, ...)") from None
         check_at_least(self, ("batch_size", "gradient_accumulation_steps", "max_steps", "eval_steps", "save_steps"), 1)
-        check_at_least(self, ("warmup_steps", "weight_decay", "adam_epsilon", "max_grad_norm"), 0)
-        for name in ("num_epochs", "learning_rate"):
-            if not getattr(self, name) > 0:
+        check_at_least(self, ("warmup_steps", "weight_decay", "seed"), 0)
+        if self.seed >= 2 ** 63:
+            raise ConfigError(f"TrainingConfig: seed={self.seed!r} must be below 2**63")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"TrainingConfig: {name}={getattr(self, name)!r} must be in [0, 1)")
+        for name in ("num_epochs", "learning_rate", "adam_epsilon", "max_grad_norm"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:  # max_grad_norm None: no clipping
                 raise ConfigError(f"TrainingConfig: {name}={getattr(self, name)!r} must be > 0")
         if self.lr_scheduler_type not in SCHEDULES:
             raise ConfigError(f"TrainingConfig: lr_scheduler_type={self.lr_scheduler_type!r} is not one of {SCHEDULES}")
@@ -122,8 +135,13 @@ class Trainer:
 
     def __init__(self, model: nn.Module, config: TrainingConfig, train_data: list, eval_data: Optional[list] = None,
                  pad_token_id: int = 0):
-        if not train_data:
-            raise ValueError("train_data is empty")
+        if not isinstance(config, TrainingConfig):
+            raise TypeError(f"config must be a TrainingConfig, got {type(config).__name__}")
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
+            raise ValueError(f"pad_token_id={pad_token_id!r} must be a token id >= 0")
+        check_examples(train_data, "train_data")
+        if eval_data is not None:
+            check_examples(eval_data, "eval_data")
         if config.output_dir and not hasattr(model, "save_pretrained"):
             raise ValueError(f"output_dir={config.output_dir!r}, but {type(model).__name__} has no save_pretrained")
         self.config = config
@@ -273,24 +291,37 @@ class Trainer:
         distributed.barrier()
 
     def save_checkpoint(self, folder) -> None:
-        """Everything resuming needs (see module docstring); every file written atomically."""
+        """Everything resuming needs (see module docstring), written into `.<name>.partial` beside `folder` and
+        renamed into place once complete: a killed save leaves no `checkpoint-<step>` that mixes two runs (an
+        earlier run's folder of that name is replaced only by a whole new one)."""
         folder = Path(folder)
+        partial, old = folder.with_name(f".{folder.name}.partial"), folder.with_name(f".{folder.name}.old")
         if self.process.is_main:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(folder)
+            for leftover in (partial, old):
+                shutil.rmtree(leftover, ignore_errors=True)
+            partial.mkdir(parents=True)
+            self.model.save_pretrained(partial)
             tensors = {n: p.detach().to("cpu").contiguous() for n, p in self.params.items()}
-            atomic_write(folder / TRAINABLE_NAME, lambda tmp: save_file(tensors, tmp))
+            atomic_write(partial / TRAINABLE_NAME, lambda tmp: save_file(tensors, tmp))
             state = {"step": self.step, "data_order": self._data_order(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                      "history": self.history}
-            atomic_write(folder / STATE_NAME, lambda tmp: torch.save(state, tmp))
+            atomic_write(partial / STATE_NAME, lambda tmp: torch.save(state, tmp))
         distributed.barrier()
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        atomic_write(folder / f"rng_state_{self.process.rank}.pt", lambda tmp: torch.save(rng, tmp))
+        atomic_write(partial / f"rng_state_{self.process.rank}.pt", lambda tmp: torch.save(rng, tmp))
+        distributed.barrier()
+        if self.process.is_main:
+            if folder.exists():
+                folder.rename(old)
+            partial.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
 
     def _resolve_checkpoint(self, path) -> Path:
+        if not isinstance(path, (str, Path)):
+            raise TypeError(f"resume_from_checkpoint={path!r} must be a checkpoint folder or 'latest'")
         if path != "latest":
             return Path(path)
         if not self.config.output_dir:
@@ -325,22 +356,30 @@ class Trainer:
         except Exception as e:  # safetensors raises its own error type for a damaged file
             raise CheckpointError(f"{files[0]}: not a readable safetensors file (truncated?): {e}") from None
         problems = sorted(set(tensors) ^ set(self.params))
-        problems += [n for n in set(tensors) & set(self.params) if tensors[n].shape != self.params[n].shape]
+        problems += [n for n in set(tensors) & set(self.params) if tensors[n].shape != self.params[n].shape
+                     or not tensors[n].is_floating_point()]
         if problems:
-            raise CheckpointError(f"{files[0]}: does not match the model's trainable parameters: {problems[:5]}")
+            raise CheckpointError(f"{files[0]}: does not match the model's trainable parameters (names, shapes, "
+                                  f"float dtype): {problems[:5]}")
         state = _read_state(files[1], ("step", "data_order", "optimizer", "scheduler", "scaler", "history"))
         rng = _read_state(files[2], ("cpu", "cuda"))
-        if not isinstance(state["step"], int) or not isinstance(state["data_order"], dict):
-            raise CheckpointError(f"{files[1]}: step or data_order has the wrong type")
-        if state["step"] > self.total_steps:
-            raise CheckpointError(f"{files[1]}: step {state['step']} is past this run's {self.total_steps} steps")
-        changed = {k: (v, self._data_order()[k]) for k, v in state["data_order"].items() if v != self._data_order()[k]}
+        order = self._data_order()
+        if not isinstance(state["step"], int) or not isinstance(state["data_order"], dict) \
+                or not isinstance(state["history"], list):
+            raise CheckpointError(f"{files[1]}: step, data_order or history is not what save_checkpoint writes")
+        if set(state["data_order"]) != set(order):
+            raise CheckpointError(f"{files[1]}: data_order has keys {sorted(state['data_order'])}, expected "
+                                  f"{sorted(order)}")
+        if not 0 <= state["step"] <= self.total_steps:
+            raise CheckpointError(f"{files[1]}: step {state['step']} is outside this run's 0..{self.total_steps} steps")
+        if not isinstance(rng["cpu"], torch.Tensor) or rng["cpu"].dtype != torch.uint8 \
+                or rng["cpu"].shape != torch.get_rng_state().shape:
+            raise CheckpointError(f"{files[2]}: 'cpu' is not a CPU generator state")
+        changed = {k: (v, order[k]) for k, v in state["data_order"].items() if v != order[k]}
         if changed:
             raise CheckpointError(f"{files[1]}: the run differs from the checkpoint's in what orders the data, so it "
                              f"cannot continue it exactly: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-        self.optimizer.load_state_dict(state["optimizer"])  # checks the parameter groups before it changes
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._load_states(files[1], state)
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(tensors[n])
@@ -348,6 +387,47 @@ class Trainer:
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
+    def _load_states(self, file: Path, state: dict) -> None:
+        """Optimizer, scheduler and grad-scaler state from `state`, all or none: a part that does not load (or
+        an optimizer moment of the wrong shape) puts back what they held and raises CheckpointError."""
+        parts = {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler}
+        not_dicts = [k for k in parts if not isinstance(state[k], dict)]
+        if not_dicts:
+            raise CheckpointError(f"{file}: {not_dicts} must be state dicts")
+        saved = {k: copy.deepcopy(part.state_dict()) for k, part in parts.items()}
+        failing = None
+        try:
+            for failing, part in parts.items():
+                part.load_state_dict(state[failing])
+            failing = "optimizer"
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    for name, t in self.optimizer.state.get(p, {}).items():
+                        if isinstance(t, torch.Tensor) and t.dim() and t.shape != p.shape:
+                            raise ValueError(f"optimizer state {name!r} has shape {tuple(t.shape)}, its parameter "
+                                             f"{tuple(p.shape)}")
+        except Exception as e:  # torch's loaders raise KeyError, TypeError, ValueError by what is wrong
+            for key, part in parts.items():
+                part.load_state_dict(saved[key])
+            raise CheckpointError(f"{file}: the {failing} state does not load: {type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:200]}") from None
+
+
+def check_examples(examples, name: str) -> None:
+    """examples: a non-empty list of {"input_ids": [ids], "labels": [ids]} (lowrank.data's examples);
+    ValueError naming the first one that is not."""
+    if not isinstance(examples, (list, tuple)) or not examples:
+        raise ValueError(f"{name} must be a non-empty list of examples, got "
+                         f"{type(examples).__name__ if not isinstance(examples, (list, tuple)) else 'an empty one'}")
+    for i, example in enumerate(examples):
+        for key in ("input_ids", "labels"):
+            ids = example.get(key) if isinstance(example, dict) else None
+            if not isinstance(ids, (list, tuple)) or not ids or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError(f"{name}[{i}][{key!r}] must be a non-empty list of token ids, got "
+                                 f"{type(ids).__name__ if ids is not None else 'nothing'}")
 
 
 def _read_state(file: Path, keys) -> dict:

@@ -17,7 +17,7 @@ class ConcatCache:
     """past: None or one (k, v) per layer, each (B, H, T, head_dim). `layers` is the extended list."""
 
     def __init__(self, past, n_layer: int):
-        self.length = past_length(past, n_layer)
+        self.length = past_length(past, n_layer)  # the model checks the shapes first (models/cache.past_length)
         self.layers = list(past) if past is not None else [None] * n_layer
 
     def update(self, layer: int, k, v):
@@ -28,14 +28,25 @@ class ConcatCache:
         return k, v
 
 
-def past_length(past, n_layer: int) -> int:
-    """Tokens held by past (None or one (k, v, ...) per layer, k (B, H, T, head_dim)); ValueError unless it has
-    n_layer layers."""
+def past_length(past, n_layer: int, batch=None, heads=None, head_dim=None) -> int:
+    """Tokens held by past (None or one (k, v, ...) per layer, k and v (B, H, T, head_dim)); ValueError unless it
+    has n_layer layers whose k and v have one shape (and the given batch, heads, head_dim where given)."""
     if past is None:
         return 0
-    if len(past) != n_layer:
-        raise ValueError(f"past_key_values has {len(past)} layers, the model has {n_layer}")
-    return past[0][0].size(2)
+    if not isinstance(past, (list, tuple)) or len(past) != n_layer:
+        raise ValueError(f"past_key_values has {len(past) if isinstance(past, (list, tuple)) else type(past).__name__} "
+                         f"layers, the model has {n_layer}")
+    first = past[0][0] if isinstance(past[0], (list, tuple)) and past[0] else None
+    want = (batch, heads, None, head_dim)
+    for i, layer in enumerate(past):
+        for j, t in enumerate(layer[:2] if isinstance(layer, (list, tuple)) else [layer]):
+            ok = (isinstance(t, torch.Tensor) and isinstance(first, torch.Tensor) and t.shape == first.shape
+                  and t.dim() == 4 and all(w is None or w == s for w, s in zip(want, t.shape)))
+            if not ok:
+                raise ValueError(f"past_key_values[{i}][{j}] has shape {tuple(getattr(t, 'shape', ()))}, expected "
+                                 f"(batch, heads, tokens, head_dim) = ({batch or 'B'}, {heads or 'H'}, T, "
+                                 f"{head_dim or 'head_dim'}), as every layer's k and v")
+    return first.size(2)
 
 
 class KVCache:

@@ -27,7 +27,8 @@ class ModelConfig:
     `extra: dict` (config.json keys it does not model, kept for the round trip), and names:
 
     model_type, architecture: what config.json says; sizes: fields that must be integers >= 1;
-    rates: dropout probabilities, in [0, 1); positive: floats that must be > 0 (epsilons);
+    rates: dropout probabilities, in [0, 1); positive: floats that must be > 0 (epsilons); non_negative:
+    floats that must be >= 0 (init scales);
     derived: keys to_dict writes that from_dict recomputes (so they are not kept in `extra`).
     """
 
@@ -36,12 +37,14 @@ class ModelConfig:
     sizes: ClassVar[tuple] = ()
     rates: ClassVar[tuple] = ()
     positive: ClassVar[tuple] = ()
+    non_negative: ClassVar[tuple] = ()
     derived: ClassVar[frozenset] = frozenset()
 
     def __post_init__(self):
         check_types(self)
         check_at_least(self, self.sizes, 1)
         check_fraction(self, self.rates)
+        check_at_least(self, self.non_negative, 0)
         for name in self.positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{type(self).__name__}: {name}={getattr(self, name)!r} must be > 0")

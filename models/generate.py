@@ -5,6 +5,7 @@
     model.generation_prefix(input_ids) -> (B, P)               # what precedes the new tokens in the output
     model.config.eos_token_id, model.config.vocab_size          # the default eos, as in transformers
 """
+import math
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -14,25 +15,38 @@ import torch
 def sample_next(logits, do_sample=False, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next tokens (B,) long: argmax, or a sample after temperature, top-k, then top-p
     (the order transformers applies them)."""
+    check_sampling(do_sample, temperature, top_k, top_p)
     if not do_sample:
         return logits.argmax(dim=-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     logits = logits.float() / temperature
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens ranked above it already hold top_p of the mass; the first always stays.
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_sampling(do_sample, temperature, top_k, top_p) -> None:
+    """ValueError naming the first sampling argument that is not what it must be (greedy ignores the others)."""
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample={do_sample!r} must be True or False")
+    if not do_sample:
+        return
+    if not (_number(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be None or an integer >= 1")
+    if top_p is not None and not (_number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must be None or a number in (0, 1]")
 
 
 def eos_ids(model, eos_token_id, device) -> Optional[torch.Tensor]:
@@ -44,7 +58,10 @@ def eos_ids(model, eos_token_id, device) -> Optional[torch.Tensor]:
         eos_token_id = getattr(config, "eos_token_id", None)
     if eos_token_id is None:
         return None
-    ids = torch.as_tensor(eos_token_id, device=device)
+    flat = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    if not flat or not all(isinstance(i, int) and not isinstance(i, bool) and abs(i) < 2 ** 62 for i in flat):
+        raise ValueError(f"eos_token_id={eos_token_id!r}: expected a token id or a non-empty list of ids")
+    ids = torch.as_tensor(flat, device=device)
     if ids.is_floating_point() or ids.is_complex() or ids.numel() == 0:
         raise ValueError(f"eos_token_id={eos_token_id!r}: expected a token id or a non-empty list of ids")
     vocab = getattr(config, "vocab_size", None)
@@ -67,6 +84,13 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    check_sampling(do_sample, temperature, top_k, top_p)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)
+                                     or not 0 <= pad_token_id < (vocab or 2 ** 62)):
+        raise ValueError(f"pad_token_id={pad_token_id!r} must be a token id in [0, {vocab})")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise ValueError(f"seed={seed!r} must be None or an integer in [0, 2**63)")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from .activations import ACTIVATIONS
 from .cache import ConcatCache, KVCache, past_length
 from .config import ModelConfig
-from .inputs import check_inputs, check_mask, check_positions, check_token_ids
+from .inputs import check_attention_mask, check_inputs, check_mask, check_positions, check_token_ids
 from .outputs import ModelOutput
 from .pretrained import PreTrainedModel
 
@@ -55,6 +55,7 @@ class GPT2Config(ModelConfig):
     sizes = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
     rates = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
     positive = ("layer_norm_epsilon",)
+    non_negative = ("initializer_range",)
 
     def __post_init__(self):
         super().__post_init__()
@@ -244,14 +245,17 @@ class GPT2LMHeadModel(PreTrainedModel):
             check_token_ids(token_type_ids, "token_type_ids", c.vocab_size)
         if labels is not None:
             check_token_ids(labels, "labels", c.vocab_size, allowed=(-100,))
-        past_key_values = past_key_values or None
-        cache = ConcatCache(past_key_values, c.n_layer) if use_cache or past_key_values else None
+        if isinstance(past_key_values, (list, tuple)) and not past_key_values:
+            past_key_values = None
+        past_length(past_key_values, c.n_layer, B, c.n_head, c.n_embd // c.n_head)
+        cache = ConcatCache(past_key_values, c.n_layer) if use_cache or past_key_values is not None else None
         n_past = cache.length if cache is not None else 0
         self._check_length(n_past, T)
         device = self.lm_head.weight.device
         if position_ids is None:
             position_ids = torch.arange(n_past, n_past + T, device=device)[None]
-        check_mask(attention_mask, "attention_mask", (B, n_past + T), f"batch, {n_past} past + {T} new tokens")
+        check_attention_mask(attention_mask, "attention_mask", (B, n_past + T),
+                             f"batch, {n_past} past + {T} new tokens")
         if attention_mask is not None:
             if attention_mask.all():
                 attention_mask = None  # lets SDPA take its fused causal path
@@ -295,16 +299,16 @@ class GPT2LMHeadModel(PreTrainedModel):
         so the tokens sit at positions P.. as in `forward`.
         """
         B, T = check_inputs(input_ids, inputs_embeds, self.config.vocab_size, self.config.n_embd)
-        P = past_length(past_key_values, self.config.n_layer)
+        c = self.config
+        P = past_length(past_key_values, c.n_layer, B, c.n_head, c.n_embd // c.n_head)
         self._check_length(P, T)
-        check_mask(attention_mask, "attention_mask", (B, P + T), f"batch, {P} prefix + {T} new tokens")
+        check_attention_mask(attention_mask, "attention_mask", (B, P + T), f"batch, {P} prefix + {T} new tokens")
         weight = self.lm_head.weight
         key_mask = attention_mask if attention_mask is not None and not attention_mask.all() else None
         if key_mask is None:
             position_ids = torch.arange(P, P + T, device=weight.device).expand(B, T)
         else:
             position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
-        c = self.config
         cache = KVCache(c.n_layer, B, c.n_head, c.n_embd // c.n_head, min(c.n_positions, max(64, 2 * (P + T))),
                         weight.dtype, weight.device, key_mask, max_length=c.n_positions)
         cache.load(past_key_values)
@@ -333,7 +337,10 @@ class GPT2LMHeadModel(PreTrainedModel):
         for key, tensor in tensors.items():
             if key.endswith(_IGNORED_KEY_SUFFIXES):
                 continue
-            out[key if key == "lm_head.weight" else "transformer." + key.removeprefix("transformer.")] = tensor
+            name = key if key == "lm_head.weight" else "transformer." + key.removeprefix("transformer.")
+            if name in out:
+                raise ValueError(f"key {key!r} is in the file with and without the 'transformer.' prefix")
+            out[name] = tensor
         if config.tie_word_embeddings and "transformer.wte.weight" in out:
             out["lm_head.weight"] = out["transformer.wte.weight"]
         return out

@@ -9,8 +9,8 @@ def check_token_ids(ids: torch.Tensor, name: str, vocab_size: int, allowed=()) -
     (labels allow -100)."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must hold integer token ids (int64 or int32), got dtype {ids.dtype}")
     if ids.dim() != 2:
         raise ValueError(f"{name} has shape {tuple(ids.shape)}: expected (batch, sequence); for one sequence "
                          f"use {name}[None]")
@@ -55,10 +55,21 @@ def check_mask(mask, name: str, shape: tuple, what: str) -> None:
         raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)} ({what})")
 
 
+def check_attention_mask(mask, name: str, shape: tuple, what: str) -> None:
+    """check_mask, and every value 0 or 1 (a NaN or a 2 is no mask: it would be read as ones)."""
+    check_mask(mask, name, shape, what)
+    if mask is not None and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{name} must hold 0 (padding) and 1 (a real token) only, got values "
+                         f"{sorted(set(mask[(mask != 0) & (mask != 1)].flatten().tolist()))[:5]}")
+
+
 def check_positions(position_ids, n_positions: int, batch: int, length: int) -> None:
     """position_ids: None or integers in [0, n_positions), shape (batch or 1, length)."""
     if position_ids is None:
         return
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"position_ids must be an int64 or int32 tensor, got "
+                        f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}")
     if position_ids.is_floating_point() or position_ids.dim() != 2 or position_ids.shape[1] != length \
             or position_ids.shape[0] not in (1, batch):
         raise ValueError(f"position_ids has shape {tuple(position_ids.shape)} and dtype {position_ids.dtype}, "

@@ -100,7 +100,7 @@ def check_layer_count(cls, config, tensors: dict, source) -> None:
                                   f"(keys matching {pattern!r})")
 
 
-def validate_state_dict(state: dict, expected: dict, source) -> None:
+def validate_state_dict(state: dict, expected: dict, source, cast: bool = False) -> None:
     """Every expected key present with its shape and a float dtype, nothing else; else one ValueError listing all."""
     problems = [f"missing key {k!r} (shape {tuple(expected[k].shape)})" for k in expected if k not in state]
     problems += [f"unexpected key {k!r} (shape {tuple(state[k].shape)})" for k in state if k not in expected]
@@ -109,6 +109,12 @@ def validate_state_dict(state: dict, expected: dict, source) -> None:
             problems.append(f"key {k!r} has shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}")
         elif not state[k].is_floating_point():
             problems.append(f"key {k!r} has dtype {state[k].dtype}, expected a floating-point dtype")
+    dtypes = {}  # a forward needs one dtype, unless the load casts them (cast)
+    for k, t in state.items() if not cast else ():
+        dtypes.setdefault(t.dtype, k)
+    if len(dtypes) > 1:
+        problems.append(f"tensors of several dtypes ({', '.join(f'{k!r} is {d}' for d, k in dtypes.items())}); "
+                        f"pass dtype= to load them as one")
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise CheckpointError(f"{source}: checkpoint does not match the model:\n  {shown}")
@@ -120,6 +126,16 @@ def resolve_dtype(dtype):
     if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         return dtype
     return dtype_named(dtype, "dtype")
+
+
+def resolve_device(device):
+    """None or a torch.device (or its name); ValueError naming `device` for anything torch does not know."""
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device torch knows ({' '.join(str(e).split())[:120]})") from None
 
 
 def _tied_names(model) -> list[list[str]]:
@@ -161,6 +177,7 @@ def from_pretrained(path, dtype=None, device=None):
     """
     path = Path(path)
     dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
     if path.is_dir():
         finish_interrupted_write(path)
     raw = read_config(path)
@@ -174,7 +191,7 @@ def from_pretrained(path, dtype=None, device=None):
         raise CheckpointError(f"{source}: {e}") from None
     with torch.device("meta"), _initialisers_skipped():
         model = cls(config)
-    validate_state_dict(state, model.state_dict(), source)
+    validate_state_dict(state, model.state_dict(), source, cast=dtype is not None)
     converted = {}  # by tensor identity, so tied entries stay one tensor
     for k, t in state.items():
         if id(t) not in converted:

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from .activations import ACTIVATIONS
 from .cache import ConcatCache, KVCache, past_length
 from .config import ModelConfig
-from .inputs import check_embeddings, check_inputs, check_mask, check_token_ids
+from .inputs import check_attention_mask, check_embeddings, check_inputs, check_mask, check_token_ids
 from .outputs import ModelOutput
 from .pretrained import PreTrainedModel
 
@@ -53,6 +53,7 @@ class T5Config(ModelConfig):
              "relative_attention_num_buckets", "relative_attention_max_distance")
     rates = ("dropout_rate",)
     positive = ("layer_norm_epsilon",)
+    non_negative = ("initializer_factor",)
     derived = frozenset({"dense_act_fn", "is_gated_act"})
 
     def __post_init__(self):
@@ -63,6 +64,17 @@ class T5Config(ModelConfig):
             self.scale_decoder_outputs = bool(self.tie_word_embeddings)
         if self.decoder_start_token_id is None:
             self.decoder_start_token_id = self.pad_token_id
+        if self.relative_attention_num_buckets < 4:  # half per direction, half of that exact, the rest log
+            raise ConfigError(f"T5Config: relative_attention_num_buckets={self.relative_attention_num_buckets} "
+                              f"must be >= 4")
+        if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 4:
+            raise ConfigError(f"T5Config: relative_attention_max_distance={self.relative_attention_max_distance} "
+                              f"must exceed relative_attention_num_buckets // 4 = "
+                              f"{self.relative_attention_num_buckets // 4} (the exact buckets)")
+        for name in ("pad_token_id", "decoder_start_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ConfigError(f"T5Config: {name}={getattr(self, name)} is outside the vocabulary "
+                                  f"[0, vocab_size={self.vocab_size})")
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated") or self.dense_act_fn not in ACTIVATIONS:
             raise ConfigError(f"T5Config: feed_forward_proj={self.feed_forward_proj!r}: expected ACT or 'gated-ACT' "
@@ -245,7 +257,7 @@ class T5Stack(nn.Module):
         dev = x.device
         past_len = cache.length if cache is not None else 0
         mask_name = "decoder_attention_mask" if self.is_decoder else "attention_mask"
-        check_mask(attention_mask, mask_name, (B, past_len + T), f"batch, {past_len} past + {T} new tokens")
+        check_attention_mask(attention_mask, mask_name, (B, past_len + T), f"batch, {past_len} past + {T} new tokens")
         query_pos = torch.arange(past_len, past_len + T, device=dev)
         key_pos = torch.arange(past_len + T, device=dev)
         bias = self.block[0].layer[0].SelfAttention.compute_bias(query_pos, key_pos).to(x.dtype)
@@ -255,7 +267,11 @@ class T5Stack(nn.Module):
             bias = _mask_keys(bias, attention_mask)
         cross_bias = 0.0
         if self.is_decoder:
-            check_mask(encoder_attention_mask, "attention_mask", (B, cross[0][0].shape[2]), "batch, encoder tokens")
+            if cross[0][0].shape[0] != B:
+                raise ValueError(f"encoder_outputs (or input_ids) have batch {cross[0][0].shape[0]}, the decoder "
+                                 f"inputs (decoder_input_ids or labels) {B}")
+            check_attention_mask(encoder_attention_mask, "attention_mask", (B, cross[0][0].shape[2]),
+                                 "batch, encoder tokens")
             if encoder_attention_mask is not None:
                 cross_bias = _mask_keys(x.new_zeros(1, 1, 1, encoder_attention_mask.shape[1]), encoder_attention_mask)
         x = F.dropout(x, self.dropout, self.training)
@@ -343,9 +359,13 @@ class T5ForConditionalGeneration(PreTrainedModel):
         check_embeddings(encoder_outputs, "encoder_outputs", self.config.d_model)
         if labels is not None:
             check_token_ids(labels, "labels", self.config.vocab_size, allowed=(-100,))
+            given = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
+            if isinstance(given, torch.Tensor):
+                check_mask(labels, "labels", tuple(given.shape[:2]), "batch, sequence of the decoder inputs")
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
-        layers = self.config.num_decoder_layers
+        layers, c = self.config.num_decoder_layers, self.config
+        past_length(past_key_values, layers, encoder_outputs.shape[0], c.num_heads, c.d_kv)
         cache = ConcatCache([kv[:2] for kv in past_key_values] if past_key_values else None, layers)
         cross = self.decoder.cross_key_values(encoder_outputs, [kv[2:] for kv in past_key_values or ()])
         y = self.decoder(decoder_input_ids, decoder_inputs_embeds, decoder_attention_mask, attention_mask,
@@ -387,7 +407,7 @@ class T5ForConditionalGeneration(PreTrainedModel):
         token and every later token attend to."""
         enc = self.encoder(input_ids, inputs_embeds, attention_mask)
         c, layers = self.config, self.config.num_decoder_layers
-        P = past_length(past_key_values, layers)
+        P = past_length(past_key_values, layers, enc.shape[0], c.num_heads, c.d_kv)
         cache = KVCache(layers, enc.shape[0], c.num_heads, c.d_kv, max(64, 2 * (P + 1)), enc.dtype, enc.device)
         cache.load(past_key_values)
         state = T5Cache(attention_mask, self.decoder.cross_key_values(enc, [kv[2:] for kv in past_key_values or ()]),

@@ -125,3 +125,21 @@ def test_missing_file_and_bad_options(tmp_path, tokenizer):
         causal_lm_examples(path, tokenizer, max_length=4, truncation="left")
     with pytest.raises(ValueError, match="max_length=0"):
         seq2seq_examples(path, tokenizer, max_length=0)
+
+
+def test_bad_sizes_tokenizers_and_fields_are_named(tmp_path, tokenizer):
+    data = write(tmp_path / "d.jsonl", '{"prompt": "a", "completion": "b"}\n')
+    with pytest.raises(ValueError, match="max_length='16' must be an integer"):
+        causal_lm_examples(data, tokenizer, max_length="16")
+    with pytest.raises(TypeError, match="tokenizer must be"):
+        causal_lm_examples(data, None, max_length=16)
+    with pytest.raises(ValueError, match="eos_token_id=1.5"):
+        causal_lm_examples(data, tokenizer, max_length=16, eos_token_id=1.5)
+    huge = write(tmp_path / "huge.csv", "prompt,completion\n" + "a" * 200_000 + ",b\n")
+    with pytest.raises(ValueError, match="huge.csv: not a csv file this reader takes"):
+        causal_lm_examples(huge, tokenizer, max_length=16)
+    empty = write(tmp_path / "e.txt", "x\n \n")
+    lone = write(tmp_path / "s.jsonl", '{"prompt": "a \\ud800", "completion": "b"}\n')
+    with pytest.raises(ValueError, match=r"s.jsonl, line 1, column 'prompt': not text"):
+        causal_lm_examples(lone, tokenizer, max_length=16)
+    assert causal_lm_examples(empty, tokenizer, max_length=16, eos_token_id=None)  # blank lines are skipped

@@ -162,3 +162,14 @@ def test_bad_generate_arguments_are_refused_by_name(model, bad, error, match):
 def test_zero_new_tokens_returns_the_prompt(model):
     ids = torch.tensor([[1, 2]])
     assert torch.equal(generate(model, ids, max_new_tokens=0), ids)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(do_sample=True, temperature=float("nan")), "temperature=nan"), (dict(do_sample="false"), "do_sample='false'"),
+    (dict(do_sample=True, top_k=2.5), "top_k=2.5"), (dict(do_sample=True, top_p="0.9"), "top_p='0.9'"),
+    (dict(pad_token_id=VOCAB), f"pad_token_id={VOCAB}"), (dict(seed=2 ** 70), "seed="),
+    (dict(eos_token_id="</s>"), "eos_token_id='</s>'"), (dict(eos_token_id=[[1, 2], [3]]), "eos_token_id="),
+])
+def test_bad_sampling_and_stopping_arguments_are_named(model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        generate(model, torch.tensor([[1, 2]]), max_new_tokens=2, **bad)

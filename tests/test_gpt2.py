@@ -237,3 +237,16 @@ def test_reorder_and_upcast_attn_changes_precision_only():
     upcast = tiny_model(reorder_and_upcast_attn=True)
     assert_close(upcast(ids).logits, tiny_model()(ids).logits)
     assert upcast.to(torch.bfloat16)(ids).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("inputs, message", [
+    (dict(attention_mask=torch.tensor([[1, 2]])), r"attention_mask must hold 0 \(padding\) and 1"),
+    (dict(attention_mask=torch.tensor([[1.0, float("nan")]])), "attention_mask must hold 0"),
+    (dict(past_key_values=[(torch.zeros(1, 4, 3, 7), torch.zeros(1, 4, 3, 7))] * 2, attention_mask=None),
+     r"past_key_values\[0\]\[0\] has shape \(1, 4, 3, 7\)"),
+    (dict(past_key_values=torch.zeros(2, 2)), "past_key_values has"),
+    (dict(position_ids=[[0, 1]]), "position_ids must be an int64 or int32 tensor"),
+])
+def test_bad_masks_and_caches_are_named(model, inputs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        model(input_ids=torch.tensor([[1, 2]]), **inputs)

@@ -126,3 +126,14 @@ def test_zero_size_inputs_give_the_bias_or_nothing(leading, K, backend_name):
     torch.testing.assert_close(y, expected)
     torch.testing.assert_close(y_batched, expected)
     assert x.grad.shape == x.shape and A.grad.shape == A.shape and not B.grad.any()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(A=None), TypeError, "A must be a tensor"), (dict(dropout_p="0.5"), TypeError, "dropout_p must be a real"),
+    (dict(dropout_p=0.5, seed="abc"), ValueError, "seed='abc'"), (dict(dropout_p=0.5, seed=2 ** 70), ValueError, "seed="),
+])
+def test_missing_factors_and_bad_dropout_arguments_are_named(kwargs, error, match):
+    x, W, A, B = torch.randn(3, 4), torch.randn(4, 5), torch.randn(4, 2), torch.randn(2, 5)
+    args = {"x": x, "W": W, "A": A, "B": B, "scale": 1.0, **kwargs}
+    with pytest.raises(error, match=match):
+        kernels.lora_matmul(**args)

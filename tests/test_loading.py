@@ -264,3 +264,17 @@ def test_json_that_is_not_an_object_is_named(saved, no_assignment, file, content
 def test_a_dtype_that_is_not_a_float_dtype_is_refused(saved, dtype):
     with pytest.raises(ValueError, match="dtype"):
         models.from_pretrained(saved[0], dtype=dtype)
+
+
+def test_mixed_dtypes_and_duplicate_keys_are_refused(saved, no_assignment):
+    rewrite_weights(saved[0], lambda t: t.update({"transformer.ln_f.bias": t["transformer.ln_f.bias"].half()}))
+    with pytest.raises(CheckpointError, match="several dtypes.*pass dtype="):
+        models.from_pretrained(saved[0])
+    rewrite_weights(saved[0], lambda t: t.update({"ln_f.bias": torch.zeros(16)}))
+    with pytest.raises(CheckpointError, match="with and without the 'transformer.' prefix"):
+        models.from_pretrained(saved[0], dtype=torch.float32)
+
+
+def test_an_unknown_device_is_named(saved):
+    with pytest.raises(ValueError, match="device='nonsense'"):
+        models.from_pretrained(saved[0], device="nonsense")

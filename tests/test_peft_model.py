@@ -370,3 +370,38 @@ def test_print_trainable_parameters_uses_peft_s_line(capsys):
     trainable, total = peft.get_nb_trainable_parameters()
     assert (trainable, total) == (704, 30080)  # peft 0.21.2 on transformers' same-shaped GPT-2 prints these
     assert capsys.readouterr().out == "trainable params: 704 || all params: 30,080 || trainable%: 2.3404\n"
+
+
+def test_a_layer_that_fails_to_build_leaves_the_model_as_it_was(monkeypatch):
+    model = tiny_gpt2()
+    names, before = [n for n, _ in model.named_modules()], snapshot(model)
+    calls = []
+
+    def fails_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("can't allocate memory")
+        return original(self, *args, **kwargs)
+    original = LoraLayer.update_layer
+    monkeypatch.setattr(LoraLayer, "update_layer", fails_second)
+    with pytest.raises(ValueError, match="could not be built .*nothing was added"):
+        get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"]))
+    assert [n for n, _ in model.named_modules()] == names
+    assert_same_state(before, model)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m: get_peft_model(m, {"r": 8}), TypeError, "peft_config must be a PeftConfig instance"),
+    (lambda m: get_peft_model(None, LoraConfig()), TypeError, "model must be a torch.nn.Module"),
+    (lambda m: get_peft_model(get_peft_model(m, LoraConfig(r=2, target_modules=["c_attn"])).get_base_model(),
+                              LoraConfig(r=4, target_modules=["c_attn"])), ValueError, "already holds adapter layers"),
+    (lambda m: get_peft_model(m, LoraConfig(r=2, target_modules=["c_attn"])).set_adapter([]), ValueError,
+     "non-empty list"),
+    (lambda m: get_peft_model(m, LoraConfig(r=2, target_modules=["c_attn"])).add_adapter(
+        "b", LoraConfig(target_modules=["c_proj"], modules_to_save=["c_attn"])), ValueError, "hold LoRA layers"),
+    (lambda m: get_peft_model(m, LoraConfig(r=2, target_modules=["c_attn"]))(
+        input_ids=torch.tensor([[1]]), adapter_names=[["default"]]), ValueError, "adapter_names="),
+])
+def test_bad_api_arguments_are_named(call, error, message):
+    with pytest.raises(error, match=message):
+        call(tiny_gpt2())

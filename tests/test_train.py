@@ -216,3 +216,36 @@ def test_schedules_warm_up_then_decay_to_zero():
     cosine = [lr_factor(s, "cosine", 0, 4) for s in range(5)]
     assert cosine[0] == 1.0 and cosine[2] == pytest.approx(0.5) and cosine[4] == pytest.approx(0.0)
     assert lr_factor(5, "constant", 2, 6) == 1.0
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(adam_epsilon=0.0), "adam_epsilon=0.0 must be > 0"), (dict(adam_beta1=1.5), "adam_beta1=1.5"),
+    (dict(max_grad_norm=0.0), "max_grad_norm=0.0"), (dict(seed=2 ** 70), "seed="),
+    (dict(device="nonsense"), "device='nonsense'"),
+])
+def test_bad_optimizer_settings_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingConfig(**bad)
+
+
+def test_a_state_that_does_not_load_leaves_the_optimizer_and_model_as_they_were(tmp_path):
+    data = examples(6)
+    train(peft_gpt2(), data, config(output_dir=str(tmp_path), max_steps=4, save_steps=2))
+    state = torch.load(tmp_path / "checkpoint-2" / "trainer_state.pt", weights_only=True)
+    torch.save({**state, "scheduler": {}}, tmp_path / "checkpoint-2" / "trainer_state.pt")
+    trainer = Trainer(peft_gpt2(), config(max_steps=4), data)
+    optimizer, before = trainer.optimizer.state_dict(), trainable(trainer.model)
+    with pytest.raises(CheckpointError, match="the scheduler state does not load"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert trainer.optimizer.state_dict() == optimizer and trainer.step == 0
+    assert all(torch.equal(p, before[n]) for n, p in trainable(trainer.model).items())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no .partial or .old folder left
+
+
+@pytest.mark.parametrize("data, message", [
+    ("text", "train_data must be a non-empty list"), ([{"input_ids": [1, 2]}], r"train_data\[0\]\['labels'\]"),
+    ([{"input_ids": "ab", "labels": [1]}], r"train_data\[0\]\['input_ids'\]"),
+])
+def test_bad_training_data_is_named(data, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(peft_gpt2(), config(max_steps=1), data)
