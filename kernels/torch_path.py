@@ -63,13 +63,18 @@ def lora_batched_fwd_torch(x: torch.Tensor, w: torch.Tensor, a_stack: torch.Tens
     """Mixed-adapter y (M, N): the base product for every row, then each adapter's rows updated.
 
     x (M, K), w (K, N), a_stack (n, K, r), b_stack (n, r, N), scales (n,),
-    adapter_index (M,) with -1 = base only. Differentiable through torch autograd.
+    adapter_index (M,) with -1 = base only. Differentiable through torch autograd. With 16-bit operands the
+    low-rank terms are computed and added in fp32 and y is rounded once, as the kernels do (so the backward,
+    through the same ops, rounds each gradient once too).
     """
     y = x @ w if bias is None else torch.addmm(bias, x, w)
+    low = y.element_size() == 2
+    acc = y.float() if low else y
     for i in adapter_index.unique().tolist():
         if i < 0:
             continue
         rows = (adapter_index == i).nonzero().squeeze(1)
-        delta = (x.index_select(0, rows) @ a_stack[i]) @ b_stack[i]
-        y.index_add_(0, rows, delta, alpha=float(scales[i]))
-    return y
+        xr, a, b = x.index_select(0, rows), a_stack[i], b_stack[i]
+        delta = (xr.float() @ a.float()) @ b.float() if low else (xr @ a) @ b
+        acc.index_add_(0, rows, delta, alpha=float(scales[i]))
+    return acc.to(y.dtype) if low else acc
