@@ -27,7 +27,6 @@ from . import models
 from . import config as peft_configs
 from . import data, io
 from .config import is_encoder_decoder
-from .files import inside, read_json_object
 from .peft_model import PeftModel, get_peft_model
 from .train import MIXED_PRECISION, SCHEDULES, Trainer, TrainingConfig
 
@@ -228,11 +227,7 @@ def merge(args) -> None:
 def _tensor_shapes(file: Path) -> dict:
     """{key: (shape, dtype)} of a safetensors file, or of every shard a model.safetensors.index.json names."""
     if file.name == models.INDEX_NAME:
-        weight_map = read_json_object(file).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{file}: no 'weight_map' object")
-        shards = {inside(file.parent, name, f"{file}: weight_map") for name in weight_map.values()}
-        return {k: v for shard in sorted(shards) for k, v in _tensor_shapes(shard).items()}
+        return {k: v for shard in sorted(models.shard_keys(file)) for k, v in _tensor_shapes(shard).items()}
     try:
         with safe_open(file, framework="pt") as f:
             return {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}

@@ -18,6 +18,8 @@ from typing import Optional, Union
 
 import torch
 
+from .checks import is_count
+
 IGNORE_INDEX = -100
 TRUNCATION = ("refuse", "truncate")
 TOKENIZER_EOS = "tokenizer"  # the eos_token_id default: the tokenizer's own eos
@@ -119,8 +121,7 @@ def resolve_eos(tokenizer, eos_token_id) -> Optional[int]:
     if not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "eos_token_id"):
         raise TypeError(f"tokenizer must be a models.load_tokenizer tokenizer, got {type(tokenizer).__name__}")
     if eos_token_id != TOKENIZER_EOS:
-        if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
-                                         or eos_token_id < 0):
+        if eos_token_id is not None and not is_count(eos_token_id, 0):
             raise ValueError(f"eos_token_id={eos_token_id!r} must be a token id >= 0, None or {TOKENIZER_EOS!r}")
         return eos_token_id
     if tokenizer.eos_token_id is None:
@@ -148,7 +149,7 @@ def _fit(ids: list, max_length: int, truncation: str, where: str, end: Optional[
 
 
 def _check_options(max_length: int, truncation: str, name: str = "max_length") -> None:
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+    if not is_count(max_length):
         raise ValueError(f"{name}={max_length!r} must be an integer >= 1")
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation={truncation!r} must be one of {TRUNCATION}")

@@ -21,7 +21,8 @@ from .config import ModelConfig
 from .generate import generate, sample_next
 from .gpt2 import GPT2Config, GPT2LMHeadModel
 from .inputs import check_inputs
-from .loading import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, from_pretrained, read_config, save_pretrained
+from .loading import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, from_pretrained, read_config, save_pretrained,
+                      shard_keys)
 from .outputs import ModelOutput
 from .t5 import T5Config, T5ForConditionalGeneration
 from .tokenizer import load_tokenizer, word_tokenizer
@@ -29,5 +30,5 @@ from .tokenizer import load_tokenizer, word_tokenizer
 __all__ = [
     "CONFIG_NAME", "ConcatCache", "INDEX_NAME", "GPT2Config", "GPT2LMHeadModel", "KVCache", "ModelConfig", "ModelOutput",
     "T5Config", "T5ForConditionalGeneration", "WEIGHTS_NAME", "check_inputs", "from_pretrained", "generate", "load_tokenizer",
-    "read_config", "sample_next", "save_pretrained", "word_tokenizer",
+    "read_config", "sample_next", "save_pretrained", "shard_keys", "word_tokenizer",
 ]

@@ -5,11 +5,12 @@
     model.generation_prefix(input_ids) -> (B, P)               # what precedes the new tokens in the output
     model.config.eos_token_id, model.config.vocab_size          # the default eos, as in transformers
 """
-import math
 import warnings
 from typing import Optional, Sequence, Union
 
 import torch
+
+from ..checks import is_count, is_number
 
 
 def sample_next(logits, do_sample=False, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -31,21 +32,17 @@ def sample_next(logits, do_sample=False, temperature=1.0, top_k=None, top_p=None
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_sampling(do_sample, temperature, top_k, top_p) -> None:
     """ValueError naming the first sampling argument that is not what it must be (greedy ignores the others)."""
     if not isinstance(do_sample, bool):
         raise ValueError(f"do_sample={do_sample!r} must be True or False")
     if not do_sample:
         return
-    if not (_number(temperature) and temperature > 0):
+    if not (is_number(temperature) and temperature > 0):
         raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and not is_count(top_k):
         raise ValueError(f"top_k={top_k!r} must be None or an integer >= 1")
-    if top_p is not None and not (_number(top_p) and 0 < top_p <= 1):
+    if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r} must be None or a number in (0, 1]")
 
 
@@ -86,10 +83,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     check_sampling(do_sample, temperature, top_k, top_p)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)
-                                     or not 0 <= pad_token_id < (vocab or 2 ** 62)):
+    if pad_token_id is not None and not (is_count(pad_token_id, 0) and pad_token_id < (vocab or 2 ** 62)):
         raise ValueError(f"pad_token_id={pad_token_id!r} must be a token id in [0, {vocab})")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+    if seed is not None and not (is_count(seed, 0) and seed < 2 ** 63):
         raise ValueError(f"seed={seed!r} must be None or an integer in [0, 2**63)")
     generator = None
     if seed is not None:

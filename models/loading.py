@@ -61,20 +61,26 @@ def _read_safetensors(file: Path, keys=None) -> dict:
         raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
+def shard_keys(index: Path) -> dict:
+    """{shard file: [its keys]} of a model.safetensors.index.json; CheckpointError naming the index for a
+    missing weight_map or a shard name that is not a plain file name in the index's folder."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: no 'weight_map' object")
+    shards = {}
+    for key, shard in weight_map.items():
+        shards.setdefault(inside(index.parent, shard, f"{index}: weight_map[{key!r}]"), []).append(key)
+    return shards
+
+
 def read_checkpoint(path: Path):
     """(tensors by file key, the file they came from: model.safetensors or the shard index)."""
     single, index = path / WEIGHTS_NAME, path / INDEX_NAME
     if single.is_file():
         return _read_safetensors(single), single
     if index.is_file():
-        weight_map = read_json_object(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no 'weight_map' object")
-        shards = {}
-        for key, shard in weight_map.items():
-            shards.setdefault(inside(path, shard, f"{index}: weight_map[{key!r}]"), []).append(key)
         tensors = {}
-        for shard, keys in shards.items():
+        for shard, keys in shard_keys(index).items():
             tensors.update(_read_safetensors(shard, keys))
         return tensors, index
     pickles = [name for name in PICKLE_NAMES if (path / name).is_file()]

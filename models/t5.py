@@ -270,8 +270,7 @@ class T5Stack(nn.Module):
             if cross[0][0].shape[0] != B:
                 raise ValueError(f"encoder_outputs (or input_ids) have batch {cross[0][0].shape[0]}, the decoder "
                                  f"inputs (decoder_input_ids or labels) {B}")
-            check_attention_mask(encoder_attention_mask, "attention_mask", (B, cross[0][0].shape[2]),
-                                 "batch, encoder tokens")
+            check_mask(encoder_attention_mask, "attention_mask", (B, cross[0][0].shape[2]), "batch, encoder tokens")
             if encoder_attention_mask is not None:
                 cross_bias = _mask_keys(x.new_zeros(1, 1, 1, encoder_attention_mask.shape[1]), encoder_attention_mask)
         x = F.dropout(x, self.dropout, self.training)
@@ -355,8 +354,10 @@ class T5ForConditionalGeneration(PreTrainedModel):
         encoder_outputs: (B, T_enc, d_model) to skip the encoder. Returns logits (B, T, V), loss
         (mean CE over labels != -100, no shift), past_key_values if use_cache, encoder_last_hidden_state."""
         if encoder_outputs is None:
-            encoder_outputs = self.encoder(input_ids, inputs_embeds, attention_mask)
-        check_embeddings(encoder_outputs, "encoder_outputs", self.config.d_model)
+            encoder_outputs = self.encoder(input_ids, inputs_embeds, attention_mask)  # checks attention_mask
+        else:
+            check_embeddings(encoder_outputs, "encoder_outputs", self.config.d_model)
+            check_attention_mask(attention_mask, "attention_mask", encoder_outputs.shape[:2], "batch, encoder tokens")
         if labels is not None:
             check_token_ids(labels, "labels", self.config.vocab_size, allowed=(-100,))
             given = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
