@@ -19,7 +19,7 @@ models itself uses nothing of lowrank but its leaf modules lowrank.errors, lowra
 from .cache import ConcatCache, KVCache
 from .config import ModelConfig
 from .generate import generate, sample_next
-from .gpt2 import GPT2Config, GPT2LMHeadModel
+from .gpt2 import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 from .inputs import check_inputs
 from .loading import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, from_pretrained, read_config, save_pretrained,
                       shard_keys)
@@ -28,7 +28,7 @@ from .t5 import T5Config, T5ForConditionalGeneration
 from .tokenizer import load_tokenizer, word_tokenizer
 
 __all__ = [
-    "CONFIG_NAME", "ConcatCache", "INDEX_NAME", "GPT2Config", "GPT2LMHeadModel", "KVCache", "ModelConfig", "ModelOutput",
+    "CONFIG_NAME", "ConcatCache", "INDEX_NAME", "GPT2Config", "GPT2ForSequenceClassification", "GPT2LMHeadModel", "KVCache", "ModelConfig", "ModelOutput",
     "T5Config", "T5ForConditionalGeneration", "WEIGHTS_NAME", "check_inputs", "from_pretrained", "generate", "load_tokenizer",
     "read_config", "sample_next", "save_pretrained", "shard_keys", "word_tokenizer",
 ]

@@ -13,11 +13,10 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .activations import ACTIVATIONS
-from .cache import ConcatCache, KVCache, past_length
+from .classification import SequenceClassifier
 from .config import ModelConfig
-from .inputs import check_attention_mask, check_inputs, check_mask, check_positions, check_token_ids
-from .outputs import ModelOutput
-from .pretrained import PreTrainedModel
+from .decoder import CausalLM, DecoderModel
+from .masks import attention_mask_for
 
 
 # Checkpoint buffers from older transformers (causal mask, mask fill value): derived, not learned.
@@ -93,26 +92,6 @@ class Conv1D(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-def attention_mask_for(key_mask, n_new: int, n_keys: int, device):
-    """The mask for n_new queries that follow n_keys - n_new cached keys: (attn_mask, is_causal) for SDPA.
-
-    key_mask: None or (B, n_keys), nonzero for real tokens. Returns attn_mask None (with is_causal
-    telling SDPA to build the plain causal mask itself) or bool, True = attend: (n_new, n_keys) without
-    key_mask, else (B, 1, n_new, n_keys).
-    A query always sees its own key, so a padding query never has an all-masked row (whose NaNs would
-    reach real tokens through the next layer's values).
-    """
-    n_past = n_keys - n_new
-    if key_mask is None and (n_past == 0 or n_new == 1):
-        return None, n_past == 0 and n_new > 1
-    query_pos = torch.arange(n_past, n_keys, device=device)[:, None]
-    key_pos = torch.arange(n_keys, device=device)
-    allowed = key_pos <= query_pos
-    if key_mask is not None:
-        allowed = (allowed & key_mask.bool()[:, None, None, :]) | (key_pos == query_pos)
-    return allowed, False
-
-
 class GPT2Attention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
@@ -178,9 +157,12 @@ class GPT2Model(nn.Module):
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
-    def forward(self, input_ids, position_ids, attn_mask, is_causal, cache, inputs_embeds=None, token_type_ids=None):
-        """input_ids (B, T) or inputs_embeds (B, T, C); position_ids (B or 1, T) -> hidden states (B, T, C)."""
+    def forward(self, input_ids, inputs_embeds, position_ids, key_mask, cache, token_type_ids=None):
+        """input_ids (B, T) or inputs_embeds (B, T, C); position_ids (B or 1, T); key_mask: None or
+        (B, n_past + T) -> hidden states (B, T, C)."""
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        n_keys = (cache.length if cache is not None else 0) + x.size(1)
+        attn_mask, is_causal = attention_mask_for(key_mask, x.size(1), n_keys, x.device)
         x = x + self.wpe(position_ids)
         if token_type_ids is not None:
             x = x + self.wte(token_type_ids)  # GPT-2 reuses the token embedding for token types
@@ -190,25 +172,17 @@ class GPT2Model(nn.Module):
         return self.ln_f(x)
 
 
-def causal_lm_loss(logits, labels):
-    """Mean next-token cross-entropy: logits (B, T, V) predict labels (B, T) shifted by one; -100 ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+class GPT2PreTrainedModel(DecoderModel):
+    """GPT-2's stack, initialisation and checkpoint names; the heads below add theirs."""
 
-
-class GPT2LMHeadModel(PreTrainedModel):
     config_class = GPT2Config
     checkpoint_layers = {"n_layer": r"(?:transformer\.)?h\.(\d+)\."}  # models.loading.check_layer_count
     base_model_prefix = "transformer"  # GPT2Model's keys are these without it (transformers' name)
-    prefix_mask = "attention_mask"  # the mask a learned prefix's keys extend
-
-    def __init__(self, config: GPT2Config):
-        super().__init__()
-        self.config = config
-        self.transformer = GPT2Model(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
-        self.apply(self._init_weights)
+    body_class = GPT2Model
+    embeddings_name = "wte"
+    positions_field = "n_positions"
+    ignored_key_suffixes = _IGNORED_KEY_SUFFIXES
+    takes_token_type_ids = True
 
     def _init_weights(self, module):
         """transformers' init: N(0, initializer_range), residual projections scaled by 1/sqrt(2 n_layer)."""
@@ -223,131 +197,14 @@ class GPT2LMHeadModel(PreTrainedModel):
         if isinstance(module, (GPT2Attention, GPT2MLP)):
             nn.init.normal_(module.c_proj.weight, std=std / math.sqrt(2 * self.config.n_layer))
 
-    def _check_length(self, n_past: int, n_new: int):
-        if n_past + n_new > self.config.n_positions:
-            raise ValueError(
-                f"sequence of {n_past + n_new} tokens ({n_past} past + {n_new} new) is longer than "
-                f"n_positions={self.config.n_positions}"
-            )
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=False, token_type_ids=None) -> ModelOutput:
-        """input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, T_past + T), 1 = real token;
-        position_ids (B, T), default T_past + arange(T); past_key_values: one (k, v) per layer, each
-        (B, H, T_past, head_dim), before scaling (models.cache.ConcatCache);
-        labels (B, T). Returns logits (B, T, V), loss, and the extended cache when use_cache."""
-        c = self.config
-        B, T = check_inputs(input_ids, inputs_embeds, c.vocab_size, c.n_embd)
-        check_positions(position_ids, c.n_positions, B, T)
-        for name, ids in (("token_type_ids", token_type_ids), ("labels", labels)):
-            check_mask(ids, name, (B, T), "batch, sequence")
-        if token_type_ids is not None:
-            check_token_ids(token_type_ids, "token_type_ids", c.vocab_size)
-        if labels is not None:
-            check_token_ids(labels, "labels", c.vocab_size, allowed=(-100,))
-        if isinstance(past_key_values, (list, tuple)) and not past_key_values:
-            past_key_values = None
-        past_length(past_key_values, c.n_layer, B, c.n_head, c.n_embd // c.n_head)
-        cache = ConcatCache(past_key_values, c.n_layer) if use_cache or past_key_values is not None else None
-        n_past = cache.length if cache is not None else 0
-        self._check_length(n_past, T)
-        device = self.lm_head.weight.device
-        if position_ids is None:
-            position_ids = torch.arange(n_past, n_past + T, device=device)[None]
-        check_attention_mask(attention_mask, "attention_mask", (B, n_past + T),
-                             f"batch, {n_past} past + {T} new tokens")
-        if attention_mask is not None:
-            if attention_mask.all():
-                attention_mask = None  # lets SDPA take its fused causal path
-        attn_mask, is_causal = attention_mask_for(attention_mask, T, n_past + T, device)
-        x = self.transformer(input_ids, position_ids, attn_mask, is_causal, cache, inputs_embeds, token_type_ids)
-        logits = self.lm_head(x)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return ModelOutput(logits=logits, loss=loss, past_key_values=cache.layers if use_cache else None)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.transformer.wte
-
-    # Hooks for lowrank (see models/__init__).
-
-    @property
-    def max_positions(self) -> int:
-        """The most tokens a sequence may have."""
-        return self.config.n_positions
-
     def prefix_attention(self) -> tuple:
         """(layers, heads, head_dim) of the attention a learned prefix (prefix tuning) enters."""
         return self.config.n_layer, self.config.n_head, self.config.n_embd // self.config.n_head
 
-    @staticmethod
-    def past_from_prefix(key_values: list) -> list:
-        """Per layer (k, v), each (B, H, P, head_dim) -> forward's past_key_values."""
-        return list(key_values)
 
-    # Generation protocol used by models.generate (see there).
+class GPT2LMHeadModel(CausalLM, GPT2PreTrainedModel):
+    """GPT-2 with its language-model head (transformers' GPT2LMHeadModel)."""
 
-    def generation_prefix(self, input_ids):
-        return input_ids
 
-    def prefill(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None):
-        """input_ids (B, T) or inputs_embeds (B, T, C), left-padded where attention_mask is 0
-        -> (KVCache, next-token logits (B, V)).
-
-        past_key_values: a learned prefix that every token attends to, one (k, v) per layer, each
-        (B, H, P, head_dim) (forward's layout); attention_mask then covers P + T keys.
-        Position ids count real keys only (cumsum(mask) - 1, clamped at 0), as transformers' generate does,
-        so the tokens sit at positions P.. as in `forward`.
-        """
-        B, T = check_inputs(input_ids, inputs_embeds, self.config.vocab_size, self.config.n_embd)
-        c = self.config
-        P = past_length(past_key_values, c.n_layer, B, c.n_head, c.n_embd // c.n_head)
-        self._check_length(P, T)
-        check_attention_mask(attention_mask, "attention_mask", (B, P + T), f"batch, {P} prefix + {T} new tokens")
-        weight = self.lm_head.weight
-        key_mask = attention_mask if attention_mask is not None and not attention_mask.all() else None
-        if key_mask is None:
-            position_ids = torch.arange(P, P + T, device=weight.device).expand(B, T)
-        else:
-            position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
-        cache = KVCache(c.n_layer, B, c.n_head, c.n_embd // c.n_head, min(c.n_positions, max(64, 2 * (P + T))),
-                        weight.dtype, weight.device, key_mask, max_length=c.n_positions)
-        cache.load(past_key_values)
-        attn_mask, is_causal = attention_mask_for(key_mask, T, P + T, weight.device)
-        x = self.transformer(input_ids, position_ids, attn_mask, is_causal, cache, inputs_embeds)
-        cache.advance(T, position_ids[:, -1] + 1)
-        return cache, self.lm_head(x[:, -1])
-
-    def decode_step(self, cache: KVCache, tokens):
-        """tokens (B,) -> next-token logits (B, V); appends to the cache in place."""
-        self._check_length(cache.length, 1)
-        cache.reserve(1)
-        key_mask = None if cache.key_mask is None else cache.key_mask[:, : cache.length + 1]
-        attn_mask, _ = attention_mask_for(key_mask, 1, cache.length + 1, tokens.device)
-        x = self.transformer(tokens[:, None], cache.positions[:, None], attn_mask, False, cache)
-        cache.advance(1, cache.positions + 1)
-        return self.lm_head(x[:, -1])
-
-    # Checkpoint hooks used by models.loading.
-
-    @staticmethod
-    def normalize_checkpoint(tensors: dict, config: GPT2Config) -> dict:
-        """File keys (with or without the `transformer.` prefix, old mask buffers, maybe no lm_head)
-        -> this model's state-dict keys (docs/formats.md A.2, robust loader rule)."""
-        out = {}
-        for key, tensor in tensors.items():
-            if key.endswith(_IGNORED_KEY_SUFFIXES):
-                continue
-            name = key if key == "lm_head.weight" else "transformer." + key.removeprefix("transformer.")
-            if name in out:
-                raise ValueError(f"key {key!r} is in the file with and without the 'transformer.' prefix")
-            out[name] = tensor
-        if config.tie_word_embeddings and "transformer.wte.weight" in out:
-            out["lm_head.weight"] = out["transformer.wte.weight"]
-        return out
-
-    def checkpoint_state_dict(self) -> dict:
-        """What save_pretrained writes: transformers' names, the tied lm_head omitted."""
-        state = self.state_dict()
-        if self.config.tie_word_embeddings:
-            del state["lm_head.weight"]
-        return state
+class GPT2ForSequenceClassification(SequenceClassifier, GPT2PreTrainedModel):
+    """GPT-2 with a `score` head on the last real token (transformers' GPT2ForSequenceClassification)."""

@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,17 +26,27 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
+# model_type -> (module, {PEFT task_type: class}); the first class is what a config without a known
+# `architectures` entry loads as.
 MODEL_TYPES = {
-    "gpt2": ("gpt2", "GPT2LMHeadModel"),
-    "t5": ("t5", "T5ForConditionalGeneration"),
+    "gpt2": ("gpt2", {"CAUSAL_LM": "GPT2LMHeadModel", "SEQ_CLS": "GPT2ForSequenceClassification"}),
+    "t5": ("t5", {"SEQ_2_SEQ_LM": "T5ForConditionalGeneration"}),
 }
 
 
-def model_class(model_type, source):
-    """The model class registered for config.json's model_type; imported only when asked for."""
+def model_class(raw: dict, source, task_type=None):
+    """The class config.json asks for: its model_type's class for task_type (PEFT's names: "CAUSAL_LM",
+    "SEQ_CLS", ...), else the one its `architectures` names, else the model type's first (a headless
+    `GPT2Model` checkpoint loads as the LM). Imported only when asked for."""
+    model_type = raw.get("model_type")
     if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         raise CheckpointError(f"{source}: unknown model_type {model_type!r}; supported: {sorted(MODEL_TYPES)}")
-    module, name = MODEL_TYPES[model_type]
+    module, classes = MODEL_TYPES[model_type]
+    if task_type is not None and task_type not in classes:
+        raise ValueError(f"task_type={task_type!r}: a {model_type} model loads as one of {sorted(classes)}")
+    architectures = raw.get("architectures")
+    named = architectures[0] if isinstance(architectures, list) and architectures else None
+    name = classes[task_type] if task_type else named if named in classes.values() else next(iter(classes.values()))
     return getattr(importlib.import_module(f".{module}", __package__), name)
 
 
@@ -175,10 +186,36 @@ def _initialisers_skipped():
             setattr(torch.nn.init, n, f)
 
 
-def from_pretrained(path, dtype=None, device=None):
+def _other_head_dropped(cls, model, state: dict, source, architecture) -> list:
+    """A checkpoint of another head (a causal LM loaded for SEQ_CLS, as AutoModelForSequenceClassification
+    does): drop what the model has no place for, and name the head parameters it lacks, which are then
+    initialised as the model initialises them (and warned about, as transformers does)."""
+    expected = model.state_dict()
+    unused = sorted(k for k in state if k not in expected)
+    for k in unused:
+        del state[k]
+    new = [k for k in expected if k not in state and k.split(".", 1)[0] in getattr(cls, "head_names", ())]
+    warnings.warn(f"{source}: a {architecture} checkpoint loaded as {cls.__name__}: {new} newly initialised "
+                  f"(train them){f', {unused} unused' if unused else ''}", stacklevel=3)
+    return new
+
+
+def _initialise(model, names, dtype, device) -> None:
+    """Parameters `names`, still on the meta device, made real and initialised by the model's _init_weights."""
+    for module_name in sorted({name.rpartition(".")[0] for name in names}):
+        module = model.get_submodule(module_name)
+        module.to_empty(device=device or "cpu", recurse=False)
+        module.to(dtype)
+        model._init_weights(module)
+
+
+def from_pretrained(path, dtype=None, device=None, task_type=None, num_labels=None):
     """Load a model folder (config.json + safetensors) written by transformers or save_pretrained.
 
     dtype: None keeps the file's dtypes, else a float dtype or its name; device: where the weights go.
+    task_type: None (what config.json's `architectures` names) or PEFT's name of the head to load
+    ("CAUSAL_LM", "SEQ_CLS"); a checkpoint of another head gets a newly initialised one, with a warning.
+    num_labels: the classes of a SEQ_CLS head (default: the config's, 2 without id2label).
     The model is returned in eval mode, as transformers does.
     """
     path = Path(path)
@@ -187,8 +224,12 @@ def from_pretrained(path, dtype=None, device=None):
     if path.is_dir():
         finish_interrupted_write(path)
     raw = read_config(path)
-    cls = model_class(raw.get("model_type"), path / CONFIG_NAME)
+    cls = model_class(raw, path / CONFIG_NAME, task_type)
     config = cls.config_class.from_dict(raw, source=path / CONFIG_NAME)
+    if num_labels is not None:
+        if "SequenceClassification" not in cls.__name__:
+            raise ValueError(f"num_labels={num_labels!r} is for a SEQ_CLS head, not a {cls.__name__}")
+        config = config.with_labels(num_labels)
     tensors, source = read_checkpoint(path)
     check_layer_count(cls, config, tensors, source)
     try:
@@ -197,15 +238,21 @@ def from_pretrained(path, dtype=None, device=None):
         raise CheckpointError(f"{source}: {e}") from None
     with torch.device("meta"), _initialisers_skipped():
         model = cls(config)
-    validate_state_dict(state, model.state_dict(), source, cast=dtype is not None)
+    written_as = (raw.get("architectures") or [None])[0]
+    new = []
+    if task_type is not None and written_as != cls.__name__:
+        new = _other_head_dropped(cls, model, state, source, written_as or raw.get("model_type"))
+    validate_state_dict(state, {k: t for k, t in model.state_dict().items() if k not in new}, source,
+                        cast=dtype is not None)
     converted = {}  # by tensor identity, so tied entries stay one tensor
     for k, t in state.items():
         if id(t) not in converted:
             converted[id(t)] = t.to(device=device, dtype=dtype)
         state[k] = converted[id(t)]
     tied = _tied_names(model)
-    model.load_state_dict(state, assign=True)
+    model.load_state_dict(state, assign=True, strict=not new)
     _retie(model, tied)
+    _initialise(model, new, dtype or next(iter(state.values())).dtype, device)
     still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         raise RuntimeError(f"{cls.__name__}: tensors not covered by the state dict: {still_meta}")
@@ -219,6 +266,7 @@ def save_pretrained(model, path) -> None:
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in model.checkpoint_state_dict().items()}
     config = model.config.to_dict()
     config.pop("torch_dtype", None)
+    config["architectures"] = [type(model).__name__]
     config["dtype"] = str(next(t.dtype for t in tensors.values() if t.is_floating_point())).removeprefix("torch.")
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     write_folder(path, {WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
