@@ -41,11 +41,17 @@ def _config_value(model_config, field_name: str):
 def resolve_config(model: nn.Module, config: PromptLearningConfig) -> PromptLearningConfig:
     """`config` with token_dim, num_layers, num_attention_heads, num_transformer_submodules (2 for
     SEQ_2_SEQ_LM, else 1) and encoder_hidden_size (token_dim) filled in from `model` as PEFT fills them,
-    then checked against the model. ValueError naming the field and value, before anything changes."""
+    then checked against the model (prefix tuning on grouped-query attention: token_dim and
+    num_attention_heads of the key/value heads, as PEFT). ValueError naming the field and value, before anything changes."""
     if config.task_type is not None and ENCODER_DECODER_TASKS.get(config.task_type) != is_encoder_decoder(model):
         raise ValueError(f"task_type={config.task_type!r} does not fit a {type(model).__name__}; soft prompts "
                          f"take CAUSAL_LM (GPT-2) or SEQ_2_SEQ_LM (T5)")
     filled = {name: getattr(config, name) or _config_value(model.config, name) for name in _MODEL_FIELDS}
+    kv_heads = getattr(model.config, "num_key_value_heads", None)
+    if isinstance(config, PrefixTuningConfig) and kv_heads is not None:
+        # Grouped-query attention: a prefix holds the key/value heads only, as PEFT sizes it.
+        head_dim = getattr(model.config, "head_dim", None) or filled["token_dim"] // filled["num_attention_heads"]
+        filled["token_dim"], filled["num_attention_heads"] = head_dim * kv_heads, kv_heads
     filled["num_transformer_submodules"] = config.num_transformer_submodules or (
         2 if config.task_type == "SEQ_2_SEQ_LM" else 1)
     if isinstance(config, (PrefixTuningConfig, PromptEncoderConfig)):

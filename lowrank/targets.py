@@ -8,7 +8,11 @@ from torch import nn
 from .config import ENCODER_DECODER_TASKS, LoraConfig, is_encoder_decoder
 from .lora import LoraLayer, base_modules, is_conv1d
 
-DEFAULT_TARGET_MODULES = {"gpt2": ["c_attn"], "t5": ["q", "v"], "mt5": ["q", "v"]}  # docs/formats.md C.4
+DEFAULT_TARGET_MODULES = {  # PEFT's table, docs/formats.md C.4
+    "gpt2": ["c_attn"], "t5": ["q", "v"], "mt5": ["q", "v"], "gpt_neo": ["q_proj", "v_proj"],
+    "bloom": ["query_key_value"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+}
 
 
 def _is_linear(module: nn.Module) -> bool:

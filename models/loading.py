@@ -31,6 +31,11 @@ PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 MODEL_TYPES = {
     "gpt2": ("gpt2", {"CAUSAL_LM": "GPT2LMHeadModel", "SEQ_CLS": "GPT2ForSequenceClassification"}),
     "t5": ("t5", {"SEQ_2_SEQ_LM": "T5ForConditionalGeneration"}),
+    "gpt_neo": ("gpt_neo", {"CAUSAL_LM": "GPTNeoForCausalLM", "SEQ_CLS": "GPTNeoForSequenceClassification"}),
+    "bloom": ("bloom", {"CAUSAL_LM": "BloomForCausalLM", "SEQ_CLS": "BloomForSequenceClassification"}),
+    "llama": ("llama", {"CAUSAL_LM": "LlamaForCausalLM"}),
+    "qwen2": ("llama", {"CAUSAL_LM": "Qwen2ForCausalLM"}),
+    "mistral": ("llama", {"CAUSAL_LM": "MistralForCausalLM"}),
 }
 
 
