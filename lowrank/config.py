@@ -8,13 +8,14 @@ as pure functions of a module name.
 """
 import re
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import ClassVar, Optional, Union
 
 from .checks import check_types, is_count, is_number
 from .errors import ConfigError
 
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+CLASSIFIER_HEADS = ("classifier", "score")  # what PEFT trains in full for SEQ_CLS
 ENCODER_DECODER_TASKS = {"CAUSAL_LM": False, "SEQ_2_SEQ_LM": True}  # task_type -> whether its model is one
 
 
@@ -78,6 +79,13 @@ class PeftConfig:
         if isinstance(self.modules_to_save, str):
             raise ConfigError(f"{type(self).__name__}: modules_to_save={self.modules_to_save!r} must be a list of names")
         self.modules_to_save = _as_names(type(self).__name__, "modules_to_save", self.modules_to_save)
+
+    def with_task_modules(self) -> "PeftConfig":
+        """For task_type SEQ_CLS, this config with the classification heads added to modules_to_save, as
+        PEFT's PeftModelForSequenceClassification adds them (the head trains in full and is saved)."""
+        if self.task_type != "SEQ_CLS":
+            return self
+        return replace(self, modules_to_save=list(dict.fromkeys([*(self.modules_to_save or []), *CLASSIFIER_HEADS])))
 
     def is_module_to_save(self, name: str) -> bool:
         """True for a module that gets a trainable copy (PEFT's suffix rule, on whole name parts)."""
@@ -241,8 +249,6 @@ class PromptLearningConfig(PeftConfig):
                 _check_int(name, field_name, getattr(self, field_name), 1)
         if self.num_transformer_submodules not in (None, 1, 2):
             raise ConfigError(f"{name}: num_transformer_submodules={self.num_transformer_submodules!r} must be 1 or 2")
-        if self.modules_to_save is not None:
-            raise ConfigError(f"{name}: modules_to_save={self.modules_to_save!r} is not supported with soft prompts")
 
 
 @dataclass(kw_only=True)

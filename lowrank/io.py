@@ -21,7 +21,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."  # every LoRA/bias/modules_to_save key in the file starts with it
-PROMPT_KEY = "prompt_embeddings"  # a soft prompt's file holds this one tensor (docs/formats.md D.2, E.2, F)
+PROMPT_KEY = "prompt_embeddings"  # a soft prompt's file holds this tensor (docs/formats.md D.2, E.2, F)
+PROMPT_COPY_PREFIX = "base_model."  # and its module copies (SEQ_CLS's score) under this, as PEFT's (D.4)
 
 
 def layer_biases(model: nn.Module, lora_paths, mode: str) -> dict:
@@ -47,10 +48,29 @@ def adapter_tensors(model: nn.Module, adapter: str, bias: str) -> dict:
         if isinstance(m, LoraLayer) and adapter in m.lora_A:
             out[f"{path}.lora_A.weight"], out[f"{path}.lora_B.weight"] = m.lora_A[adapter].weight, m.lora_B[adapter].weight
             lora_paths.add(path)
-        elif isinstance(m, ModulesToSaveWrapper) and adapter in m.modules_to_save:
-            out.update({f"{path}.{k}": t for k, t in m.modules_to_save[adapter].state_dict(keep_vars=True).items()})
+    out.update(copy_tensors(model, adapter))
     out.update(layer_biases(model, lora_paths, bias))
     return {PREFIX + k: v for k, v in out.items()}
+
+
+def copy_tensors(model: nn.Module, adapter: str) -> dict:
+    """{path.name: live tensor} of `adapter`'s trained module copies (modules_to_save), keyed by the module
+    they replace."""
+    out = {}
+    for path, m in base_modules(model):
+        if isinstance(m, ModulesToSaveWrapper) and adapter in m.modules_to_save:
+            out.update({f"{path}.{k}": t for k, t in m.modules_to_save[adapter].state_dict(keep_vars=True).items()})
+    return out
+
+
+def copy_shapes(model: nn.Module, to_save) -> dict:
+    """{path.name: shape} of the module copies at `to_save`: copy_tensors' layout, before anything is added."""
+    shapes = {}
+    for path in to_save:
+        module = model.get_submodule(path)
+        module = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        shapes.update({f"{path}.{k}": tuple(t.shape) for k, t in module.state_dict().items()})
+    return shapes
 
 
 def expected_shapes(model: nn.Module, plan: dict, to_save, bias: str) -> dict:
@@ -60,10 +80,7 @@ def expected_shapes(model: nn.Module, plan: dict, to_save, bias: str) -> dict:
     for path, (r, _) in plan.items():
         fan_in, fan_out = linear_features(model.get_submodule(path))
         shapes[f"{path}.lora_A.weight"], shapes[f"{path}.lora_B.weight"] = (r, fan_in), (fan_out, r)
-    for path in to_save:
-        module = model.get_submodule(path)
-        module = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
-        shapes.update({f"{path}.{k}": tuple(t.shape) for k, t in module.state_dict().items()})
+    shapes.update(copy_shapes(model, to_save))
     shapes.update({k: tuple(t.shape) for k, t in layer_biases(model, set(plan), bias).items()})
     return {PREFIX + k: v for k, v in shapes.items()}
 

@@ -20,6 +20,59 @@ from .lora import BASE, LoraLayer, ModulesToSaveWrapper, base_modules, combine_a
 from .targets import find_modules_to_save, resolve_config
 
 
+def add_copies(model: nn.Module, name: str, paths, wrapped: dict) -> None:
+    """A trainable copy of each module at `paths` for adapter `name` (ModulesToSaveWrapper); `wrapped`
+    records {path: the module it held} for each wrapper made, so that a failure can be rolled back."""
+    for path in paths:
+        wrapper = model.get_submodule(path)
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            wrapped[path], wrapper = wrapper, ModulesToSaveWrapper(wrapper)
+            model.set_submodule(path, wrapper)
+        wrapper.update(name)
+
+
+def roll_back(model: nn.Module, layers: list, name: str, wrapped: dict) -> None:
+    """Take adapter `name` out of `layers` and put back the modules `wrapped` replaced."""
+    for m in layers:
+        m.delete_adapter(name)
+    for path, module in wrapped.items():
+        model.set_submodule(path, module)
+
+
+def activate(layers: list, active: list, trainable: set) -> None:
+    """Active adapters to every adapter layer; the trainable ones' factors and copies train."""
+    for m in layers:
+        m.active_adapters = list(active)
+        for table in [m.modules_to_save] if isinstance(m, ModulesToSaveWrapper) else [m.lora_A, m.lora_B]:
+            for adapter, module in table.items():
+                module.requires_grad_(adapter in trainable)
+
+
+@contextmanager
+def layers_disabled(layers: list):
+    """Every adapter layer runs its base module alone inside the block."""
+    was_disabled = [m.disable_adapters for m in layers]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m, disabled in zip(layers, was_disabled):
+            m.enable_adapters(not disabled)
+
+
+def unload_layers(model: nn.Module, active: list, keep_copies: bool) -> nn.Module:
+    """`model` with LoRA layers replaced by their base layers, and module copies by the active adapter's
+    copy (keep_copies) or the original."""
+    for path, m in list(base_modules(model)):
+        if isinstance(m, LoraLayer):
+            model.set_submodule(path, m.base_layer)
+        elif isinstance(m, ModulesToSaveWrapper):
+            adapter = next((a for a in active if a in m.modules_to_save), None)
+            model.set_submodule(path, m.module_for(adapter) if keep_copies else m.original_module)
+    return model
+
+
 class LoraModel(nn.Module):
     """Holds the wrapped model as `.model`, so parameter names read `base_model.model.<path>` as in PEFT."""
 
@@ -79,17 +132,9 @@ class LoraMethod:
                 upcast = self.autocast_adapter_dtype and weight_dtype in (torch.float16, torch.bfloat16)
                 layer.update_layer(name, r, alpha, config.lora_dropout, config.init_lora_weights,
                                    config.use_rslora, dtype=torch.float32 if upcast else weight_dtype)
-            for path in to_save:
-                wrapper = self.model.get_submodule(path)
-                if not isinstance(wrapper, ModulesToSaveWrapper):
-                    wrapped[path], wrapper = wrapper, ModulesToSaveWrapper(wrapper)
-                    self.model.set_submodule(path, wrapper)
-                wrapper.update(name)
+            add_copies(self.model, name, to_save, wrapped)
         except BaseException as e:
-            for m in self.layers():
-                m.delete_adapter(name)
-            for path, module in wrapped.items():
-                self.model.set_submodule(path, module)
+            roll_back(self.model, self.layers(), name, wrapped)
             if isinstance(e, RuntimeError):  # the allocator's, for a rank too large for memory
                 raise ValueError(f"adapter {name!r} could not be built (r={config.r}, nothing was added): "
                                  f"{' '.join(str(e).split())[:160]}") from None
@@ -116,11 +161,7 @@ class LoraMethod:
             paths = {n for n, m in base_modules(self.model) if isinstance(m, LoraLayer) and a in m.lora_A}
             bias_params.update(io.layer_biases(self.model, paths, configs[a].bias))
         self.model.requires_grad_(False)
-        for m in self.layers():
-            m.active_adapters = list(active)
-            for table in [m.modules_to_save] if isinstance(m, ModulesToSaveWrapper) else [m.lora_A, m.lora_B]:
-                for adapter, module in table.items():
-                    module.requires_grad_(adapter in trainable)
+        activate(self.layers(), active, trainable)
         for p in bias_params.values():
             p.requires_grad_(True)
 
@@ -156,18 +197,9 @@ class LoraMethod:
             for m in layers:
                 m.row_adapters = None
 
-    @contextmanager
     def disabled(self):
-        """The base model alone inside the block (merged adapters are unmerged first)."""
-        layers = self.layers()
-        was_disabled = [m.disable_adapters for m in layers]
-        for m in layers:
-            m.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for m, disabled in zip(layers, was_disabled):
-                m.enable_adapters(not disabled)
+        """The base model alone inside the block."""
+        return layers_disabled(self.layers())
 
     # -- files --
 
@@ -193,15 +225,7 @@ class LoraMethod:
             m.unmerge()
 
     def unload(self, active: list, keep_copies: bool) -> nn.Module:
-        """The wrapped model with LoRA layers replaced by their base layers, and module copies by the active
-        adapter's copy (keep_copies) or the original."""
-        for path, m in list(base_modules(self.model)):
-            if isinstance(m, LoraLayer):
-                self.model.set_submodule(path, m.base_layer)
-            elif isinstance(m, ModulesToSaveWrapper):
-                adapter = next((a for a in active if a in m.modules_to_save), None)
-                self.model.set_submodule(path, m.module_for(adapter) if keep_copies else m.original_module)
-        return self.model
+        return unload_layers(self.model, active, keep_copies)
 
     def weighted_config(self, configs: list, combination_type: str):
         """(the combined adapter's config, its rank) for add_weighted_adapter (see lora.combine_adapters)."""
@@ -225,7 +249,8 @@ class LoraMethod:
 
 
 class SoftPromptMethod:
-    """Soft prompts (prompt tuning, prefix tuning, P-tuning): one encoder per adapter, one active at a time."""
+    """Soft prompts (prompt tuning, prefix tuning, P-tuning): one encoder per adapter, one active at a time,
+    and trainable copies of modules_to_save (SEQ_CLS's score head), as PEFT gives prompt learning."""
 
     kind = "soft prompts"
 
@@ -242,15 +267,24 @@ class SoftPromptMethod:
         return {"base_model": self.base_model, "prompt_encoder": self.prompt_encoder}
 
     def layers(self) -> list:
-        return []
+        return [m for _, m in base_modules(self.model) if isinstance(m, ModulesToSaveWrapper)]
 
     def add(self, name: str, config):
         config = prompts.resolve_config(self.model, config)
-        self.prompt_encoder[name] = prompts.build_encoder(config, self.model.get_input_embeddings())
+        to_save, wrapped = find_modules_to_save(self.model, config), {}
+        encoder = prompts.build_encoder(config, self.model.get_input_embeddings())
+        try:
+            add_copies(self.model, name, to_save, wrapped)
+        except BaseException:
+            roll_back(self.model, self.layers(), name, wrapped)
+            raise
+        self.prompt_encoder[name] = encoder
         return config
 
     def delete(self, name: str) -> None:
         del self.prompt_encoder[name]
+        for m in self.layers():
+            m.delete_adapter(name)
 
     def check_active(self, names: list) -> None:
         if len(names) > 1:
@@ -258,6 +292,7 @@ class SoftPromptMethod:
 
     def sync(self, active: list, trainable: set, configs: dict) -> None:
         self.model.requires_grad_(False)
+        activate(self.layers(), active, trainable)
         for adapter, encoder in self.prompt_encoder.items():
             encoder.requires_grad_(adapter in trainable)
 
@@ -288,20 +323,24 @@ class SoftPromptMethod:
     def disabled(self):
         was_off, self.off = self.off, True
         try:
-            yield
+            with layers_disabled(self.layers()):
+                yield
         finally:
             self.off = was_off
 
     def tensors(self, name: str, config) -> dict:
-        """The encoder's output: what PEFT saves (docs/formats.md D.2, E.2, F)."""
-        return {io.PROMPT_KEY: self.prompt_encoder[name]()}
+        """The encoder's output and the module copies: what PEFT saves (docs/formats.md D.2, D.4, E.2, F)."""
+        copies = {io.PROMPT_COPY_PREFIX + k: t for k, t in io.copy_tensors(self.model, name).items()}
+        return {io.PROMPT_KEY: self.prompt_encoder[name](), **copies}
 
     @staticmethod
     def expected_shapes(model: nn.Module, config, is_trainable: bool) -> dict:
         if is_trainable:
             raise ValueError("soft prompts load for inference only (is_trainable=False), as in PEFT: the file "
                              "holds the prompt, not the encoder that was trained to produce it")
-        return {io.PROMPT_KEY: prompts.prompt_shape(prompts.resolve_config(model, config))}
+        config = prompts.resolve_config(model, config)
+        copies = io.copy_shapes(model, find_modules_to_save(model, config))
+        return {io.PROMPT_KEY: prompts.prompt_shape(config), **{io.PROMPT_COPY_PREFIX + k: v for k, v in copies.items()}}
 
     def merge(self, adapter_names) -> None:
         raise ValueError("soft prompts cannot be merged into the weights")
@@ -310,7 +349,7 @@ class SoftPromptMethod:
         pass  # nothing is ever merged
 
     def unload(self, active: list, keep_copies: bool) -> nn.Module:
-        return self.model
+        return unload_layers(self.model, active, keep_copies)
 
     def weighted_config(self, configs: list, combination_type: str):
         raise ValueError("add_weighted_adapter combines LoRA adapters, not soft prompts")

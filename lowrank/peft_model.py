@@ -92,7 +92,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter name {adapter_name!r} is taken")
         if not self.method.takes(peft_config):
             raise ValueError(f"cannot add a {peft_config.peft_type} adapter to a model with {self.method.kind}")
-        self.peft_config[adapter_name] = self.method.add(adapter_name, peft_config)
+        self.peft_config[adapter_name] = self.method.add(adapter_name, _for_task(self.get_base_model(), peft_config))
         self._sync()
 
     def set_adapter(self, adapter_name) -> None:
@@ -243,6 +243,16 @@ def _check_config(peft_config) -> None:
                         f"got {peft_config!r}")
 
 
+def _for_task(model: nn.Module, config):
+    """config.with_task_modules(), and for SEQ_CLS a model that has a classification head."""
+    config = config.with_task_modules()
+    if config.task_type == "SEQ_CLS" and not any(config.is_module_to_save(n) for n, _ in model.named_modules()):
+        raise ValueError(f"task_type='SEQ_CLS' needs a sequence classification model (a 'score' or 'classifier' "
+                         f"head), not a {type(model).__name__}; load it with models.from_pretrained(path, "
+                         f"task_type='SEQ_CLS')")
+    return config
+
+
 def _check_flag(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name}={value!r} must be True or False")
@@ -253,6 +263,7 @@ def _read_checked(model: nn.Module, model_id, is_trainable: bool) -> tuple:
     config, tensors, config_file, weights_file = io.read_adapter(model_id)
     config = replace(config, inference_mode=not is_trainable)
     try:
+        config = _for_task(model, config)
         expected = method_for(config).expected_shapes(model, config, is_trainable)
     except ValueError as e:
         raise CheckpointError(f"{config_file}: {e}") from None

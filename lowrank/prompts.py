@@ -43,9 +43,11 @@ def resolve_config(model: nn.Module, config: PromptLearningConfig) -> PromptLear
     SEQ_2_SEQ_LM, else 1) and encoder_hidden_size (token_dim) filled in from `model` as PEFT fills them,
     then checked against the model (prefix tuning on grouped-query attention: token_dim and
     num_attention_heads of the key/value heads, as PEFT). ValueError naming the field and value, before anything changes."""
-    if config.task_type is not None and ENCODER_DECODER_TASKS.get(config.task_type) != is_encoder_decoder(model):
+    wants_enc_dec = ENCODER_DECODER_TASKS.get(config.task_type, False)
+    if config.task_type not in (None, "SEQ_CLS") and wants_enc_dec != is_encoder_decoder(model) or \
+            config.task_type == "SEQ_CLS" and is_encoder_decoder(model):
         raise ValueError(f"task_type={config.task_type!r} does not fit a {type(model).__name__}; soft prompts "
-                         f"take CAUSAL_LM (GPT-2) or SEQ_2_SEQ_LM (T5)")
+                         f"take CAUSAL_LM or SEQ_CLS (decoders) or SEQ_2_SEQ_LM (T5)")
     filled = {name: getattr(config, name) or _config_value(model.config, name) for name in _MODEL_FIELDS}
     kv_heads = getattr(model.config, "num_key_value_heads", None)
     if isinstance(config, PrefixTuningConfig) and kv_heads is not None:
@@ -221,8 +223,9 @@ def prompt_inputs(model: nn.Module, config: PromptLearningConfig, prompt: torch.
     """The base model's keyword arguments `kwargs` with the prompt (prompt_shape(config)) put in; None values
     are dropped. PEFT's rules (docs/formats.md D.3, E.3, F):
 
-    virtual tokens, GPT-2: inputs_embeds = [prompt; embeddings] (B, N + T, d), attention_mask and labels get
-        N leading ones / -100s; position_ids are ignored (virtual tokens take positions 0..N-1).
+    virtual tokens, decoders: inputs_embeds = [prompt; embeddings] (B, N + T, d), attention_mask and labels get
+        N leading ones / -100s (SEQ_CLS: labels are one per row and stay); position_ids are ignored (virtual
+        tokens take positions 0..N-1).
     virtual tokens, T5: the first N rows go before the encoder's embeddings, attention_mask gets N ones;
         the decoder and labels are untouched.
     prefix, GPT-2: past_key_values = the per-layer prefix, attention_mask gets N ones, position_ids + N.
@@ -239,11 +242,11 @@ def prompt_inputs(model: nn.Module, config: PromptLearningConfig, prompt: torch.
     if isinstance(config, PrefixTuningConfig):
         kw = _with_prefix(model, config, prompt, kw)
     else:
-        kw = _with_virtual_tokens(model, prompt[:n], kw, enc_dec)
+        kw = _with_virtual_tokens(model, prompt[:n], kw, enc_dec, not enc_dec and config.task_type != "SEQ_CLS")
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def _with_virtual_tokens(model, rows, kw, enc_dec: bool) -> dict:
+def _with_virtual_tokens(model, rows, kw, enc_dec: bool, token_labels: bool) -> dict:
     n = rows.shape[0]
     kw["attention_mask"] = _pad_before(kw, "attention_mask", n, 1)
     if "encoder_outputs" in kw or (not enc_dec and "past_key_values" in kw):
@@ -253,7 +256,7 @@ def _with_virtual_tokens(model, rows, kw, enc_dec: bool) -> dict:
     check_inputs(ids, embeds, table.num_embeddings, table.embedding_dim)
     embeds = table(ids) if embeds is None else embeds
     kw["inputs_embeds"] = torch.cat([rows.to(embeds.dtype).expand(embeds.shape[0], -1, -1), embeds], dim=1)
-    if not enc_dec:
+    if token_labels:
         kw["labels"] = _pad_before(kw, "labels", n, -100)
     return kw
 

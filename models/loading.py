@@ -39,6 +39,13 @@ MODEL_TYPES = {
 }
 
 
+def written_architecture(raw: dict):
+    """The class config.json's `architectures` names first, or None."""
+    architectures = raw.get("architectures")
+    named = architectures[0] if isinstance(architectures, list) and architectures else None
+    return named if isinstance(named, str) else None
+
+
 def model_class(raw: dict, source, task_type=None):
     """The class config.json asks for: its model_type's class for task_type (PEFT's names: "CAUSAL_LM",
     "SEQ_CLS", ...), else the one its `architectures` names, else the model type's first (a headless
@@ -49,8 +56,7 @@ def model_class(raw: dict, source, task_type=None):
     module, classes = MODEL_TYPES[model_type]
     if task_type is not None and task_type not in classes:
         raise ValueError(f"task_type={task_type!r}: a {model_type} model loads as one of {sorted(classes)}")
-    architectures = raw.get("architectures")
-    named = architectures[0] if isinstance(architectures, list) and architectures else None
+    named = written_architecture(raw)
     name = classes[task_type] if task_type else named if named in classes.values() else next(iter(classes.values()))
     return getattr(importlib.import_module(f".{module}", __package__), name)
 
@@ -243,7 +249,7 @@ def from_pretrained(path, dtype=None, device=None, task_type=None, num_labels=No
         raise CheckpointError(f"{source}: {e}") from None
     with torch.device("meta"), _initialisers_skipped():
         model = cls(config)
-    written_as = (raw.get("architectures") or [None])[0]
+    written_as = written_architecture(raw)
     new = []
     if task_type is not None and written_as != cls.__name__:
         new = _other_head_dropped(cls, model, state, source, written_as or raw.get("model_type"))

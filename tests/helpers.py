@@ -37,3 +37,14 @@ def tiny_t5(seed=0, **overrides) -> models.T5ForConditionalGeneration:
     torch.manual_seed(seed)
     config = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
     return models.T5ForConditionalGeneration(models.T5Config(**{**config, **overrides})).eval()
+
+
+def train_steps(model, steps: int, lr: float, **batch) -> None:
+    """`steps` Adam steps on the model's trainable parameters over one batch (the model's own loss), then eval mode."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    model.eval()

@@ -164,8 +164,8 @@ def test_folder_without_weights_or_config_is_refused(tmp_path):
 
 def test_unknown_model_type_is_refused_naming_it(saved, no_assignment):
     config = saved[0] / "config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "llama"}))
-    with pytest.raises(ValueError, match=r"config.json: unknown model_type 'llama'"):
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "gpt_neox"}))
+    with pytest.raises(ValueError, match=r"config.json: unknown model_type 'gpt_neox'"):
         models.from_pretrained(saved[0])
 
 

@@ -80,7 +80,7 @@ def test_prompt_without_positive_length_is_rejected(cls, n):
     (dict(tokenizer_kwargs={"use_fast": True}), "tokenizer_kwargs="),
     (dict(num_transformer_submodules=3), "num_transformer_submodules=3"),
     (dict(token_dim=0), "token_dim=0"),
-    (dict(modules_to_save=["ln_f"]), "modules_to_save"),
+    (dict(modules_to_save="ln_f"), "modules_to_save"),
 ])
 def test_invalid_prompt_tuning_fields_name_the_field_and_value(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -120,7 +120,8 @@ def test_missing_fields_are_filled_from_the_model_config(kind, expected):
     ("gpt2", "prompt-tuning", dict(num_transformer_submodules=2), "num_transformer_submodules=2 needs"),
     ("gpt2", "prefix", dict(num_layers=3), "num_layers=3, but the model has 2 layers"),
     ("t5", "prefix", dict(num_attention_heads=8), "num_attention_heads=8 does not give the model's keys"),
-    ("t5", "prompt-tuning", dict(task_type="SEQ_CLS"), "task_type='SEQ_CLS' does not fit"),
+    ("t5", "prompt-tuning", dict(task_type="SEQ_CLS"), "task_type='SEQ_CLS' needs a sequence classification model"),
+    ("gpt2", "prefix", dict(task_type="SEQ_CLS"), "task_type='SEQ_CLS' needs a sequence classification model"),
 ])
 def test_a_config_that_does_not_fit_the_model_is_rejected_before_it_changes(kind, method, overrides, message):
     model = TINY[kind]()
