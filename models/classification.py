@@ -1,5 +1,5 @@
 """Sequence classification on a decoder: a `score` head on each row's last real token, and transformers'
-loss for its problem_type (docs/formats.md A.4)."""
+loss for its problem_type (docs/formats.md A.6)."""
 import warnings
 
 import torch

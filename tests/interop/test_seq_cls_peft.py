@@ -1,6 +1,6 @@
 """Sequence classification against transformers and peft 0.21 on random tiny decoders: the score head's
 logits and losses, LoRA SEQ_CLS adapters (with the trained `score` copy, modules_to_save) both ways, and
-peft's prompt tuning and P-tuning SEQ_CLS adapters loaded here (docs/formats.md C.5, D.4). (peft 0.21's prefix
+peft's prompt tuning and P-tuning SEQ_CLS adapters loaded here (docs/formats.md A.6, C.6, D.4). (peft 0.21's prefix
 tuning refuses transformers 5's classifiers, whose forward calls the cache `cache`: ours is checked alone,
 in tests/test_seq_cls.py.)"""
 import json
