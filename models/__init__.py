@@ -20,6 +20,7 @@ from .cache import ConcatCache, KVCache
 from .config import ModelConfig
 from .generate import generate, sample_next
 from .gpt2 import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from .gpt_neo import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoForSequenceClassification
 from .inputs import check_inputs
 from .loading import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, from_pretrained, read_config, save_pretrained,
                       shard_keys)
@@ -29,6 +30,7 @@ from .tokenizer import load_tokenizer, word_tokenizer
 
 __all__ = [
     "CONFIG_NAME", "ConcatCache", "INDEX_NAME", "GPT2Config", "GPT2ForSequenceClassification", "GPT2LMHeadModel", "KVCache", "ModelConfig", "ModelOutput",
+    "GPTNeoConfig", "GPTNeoForCausalLM", "GPTNeoForSequenceClassification",
     "T5Config", "T5ForConditionalGeneration", "WEIGHTS_NAME", "check_inputs", "from_pretrained", "generate", "load_tokenizer",
     "read_config", "sample_next", "save_pretrained", "shard_keys", "word_tokenizer",
 ]

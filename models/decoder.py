@@ -9,7 +9,7 @@ A family's base class (e.g. models.gpt2.GPT2PreTrainedModel) subclasses DecoderM
                                         token_type_ids) -> hidden states (B, T, C); key_mask: None (every key
                                         real) or (B, cache.length + T) bool
     embeddings_name                     the body's token embedding attribute ("wte")
-    _init_weights(module)               transformers' initialisation of the family
+    _init_weights(module)               transformers' initialisation of the family (default: its generic one)
     prefix_attention()                  (layers, key/value heads, head_dim) of its attention
     positions_field                     the config field of the most tokens a sequence may have
                                         ("n_positions"), or None (no limit)
@@ -50,6 +50,18 @@ class DecoderModel(PreTrainedModel):
 
     def build_head(self, config) -> None:
         raise NotImplementedError
+
+    def _init_weights(self, module) -> None:
+        """transformers' PreTrainedModel._init_weights, which GPT-Neo and BLOOM keep: N(0, initializer_range)
+        linear and embedding weights, zero biases, unit LayerNorms."""
+        std = self.config.initializer_range or 0.02  # transformers reads 0 as unset
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
     @property
     def body(self) -> nn.Module:
