@@ -22,6 +22,9 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.fil
 VOCAB, PAD, LABELS = 64, 0, 3
 CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64),
+    "gpt_neo": lambda: transformers.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, vocab_size=VOCAB,
+                                                 attention_types=[[["global", "local"], 1]], window_size=4,
+                                                 max_position_embeddings=64),
 }
 RTOL = 1e-4
 
