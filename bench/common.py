@@ -24,6 +24,29 @@ GPT2_SHAPES = {
 }
 
 
+# Decoder-only models as transformers config kwargs by model_type: a published model's shape ("full", random
+# weights) and a tiny one of the same structure ("quick").
+DECODER_SHAPES = {
+    "gpt2": GPT2_SHAPES,
+    "gpt_neo": {  # EleutherAI/gpt-neo-125m
+        "full": dict(hidden_size=768, num_layers=12, num_heads=12, attention_types=[[["global", "local"], 6]],
+                     window_size=256, vocab_size=50257, max_position_embeddings=2048),
+        "quick": dict(hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+                      window_size=8, vocab_size=512, max_position_embeddings=128),
+    },
+    "bloom": {  # bigscience/bloomz-560m
+        "full": dict(hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880),
+        "quick": dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=512),
+    },
+    "llama": {  # HuggingFaceTB/SmolLM-135M
+        "full": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                     num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True),
+        "quick": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=128, tie_word_embeddings=True),
+    },
+}
+
+
 # t5-small (60 M parameters: 6 + 6 layers) and a tiny model of the same structure for --quick smoke runs.
 T5_SHAPES = {
     "full": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
@@ -119,20 +142,23 @@ def write_json(path: str, info: Dict[str, str], rows: List[dict]) -> None:
 
 
 def cpu_comparison_args(description: str, name: str, repeats_help: str, default_repeats: int, argv=None):
-    """(args, mode, repeats) of a CPU benchmark against transformers: --quick (mode "quick", 3 repeats; else
-    "full", default_repeats), --threads (set here), --repeats, --json (default bench/out/<name>.json).
-    transformers is imported here with its logging and progress bars quieted."""
+    """(args, mode, repeats) of a CPU benchmark against transformers: --model (a DECODER_SHAPES model type,
+    default gpt2), --quick (mode "quick", 3 repeats; else "full", default_repeats), --threads (set here),
+    --repeats, --json (default bench/out/<name>[_<model>].json). transformers is imported here with its
+    logging and progress bars quieted."""
     import argparse
 
     import transformers
 
     parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", choices=sorted(DECODER_SHAPES), default="gpt2", help="model type (default gpt2)")
     parser.add_argument("--quick", action="store_true", help="tiny model and inputs (smoke test)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed {repeats_help} each (default {default_repeats}, quick 3)")
-    parser.add_argument("--json", default=f"bench/out/{name}.json")
+    parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    args.json = args.json or f"bench/out/{name}{'' if args.model == 'gpt2' else '_' + args.model}.json"
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.threads)

@@ -1,17 +1,19 @@
-"""Are our GPT-2 and T5 at least as fast as transformers' on a CPU, for the same weights and threads?
+"""Are our models at least as fast as transformers' on a CPU, for the same weights and threads?
 
     prefill: model(ids) with full logits, batch 1 x T tokens, no cache       -> tokens/s
     decode:  (generate(n new) - generate(1 new)) / (n - 1), greedy, each
              library's own generate with its KV cache                        -> ms/token
     load:    from_pretrained of one saved safetensors folder (page cache warm) -> ms
-    t5 generate: greedy generate of n new tokens from a T-token input, T5     -> ms
+    t5 generate: greedy generate of n new tokens from a T-token input, T5     -> ms (--model gpt2 only)
+    lora train step: bench/lora_train_cpu.py's step against peft             -> ms (--model llama only)
 
-Random GPT-2-small- and t5-small-shaped weights (no download), fp32. Ours and transformers' run interleaved
+Random weights (no download), fp32, of GPT-2 small and t5-small by default; --model gpt_neo, bloom or
+llama: gpt-neo-125m's, bloomz-560m's or SmolLM-135M's shape (bench/common.DECODER_SHAPES). Ours and transformers' run interleaved
 (alternating order each repeat) after a warm-up; figures are medians with p20/p80. Both models
 are checked to agree (logits, greedy tokens) before anything is timed.
 
 Prints a table whose last line is the headline ratios (> 1: ours is faster) and writes JSON rows.
-Usage: python bench/model_cpu.py [--quick] [--threads N] [--repeats R] [--json PATH]
+Usage: python bench/model_cpu.py [--model TYPE] [--quick] [--threads N] [--repeats R] [--json PATH]
 """
 import os
 import sys
@@ -21,9 +23,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lowrank import models  # noqa: E402
-from bench.common import GPT2_SHAPES, T5_SHAPES, cpu_comparison_args, interleaved, run_info, write_json  # noqa: E402
+from bench.common import DECODER_SHAPES, T5_SHAPES, cpu_comparison_args, interleaved, run_info, write_json  # noqa: E402
+from bench.lora_train_cpu import train_step_times  # noqa: E402
 
 LENGTHS = {"full": dict(prefill=512, prompt=64, new=33), "quick": dict(prefill=64, prompt=8, new=9)}
+HEADLINES = {"prefill_tokens_per_s": "prefill", "decode_ms_per_token": "decode", "load_ms": "load",
+             "t5_generate_ms": "t5 generate", "lora_train_step_ms": "lora train step (vs peft)"}
 T5_LENGTHS = {"full": dict(source=128, new=32), "quick": dict(source=16, new=8)}
 
 
@@ -65,14 +70,12 @@ def t5_generation(transformers, mode, repeats):
                 shape=shape, dtype="float32")
 
 
-def main(argv=None):
-    args, mode, repeats = cpu_comparison_args(__doc__.splitlines()[0], "model_cpu", "repeats", 5, argv)
-    import transformers
-
-    shape, lengths = GPT2_SHAPES[mode], LENGTHS[mode]
-
+def decoder_rows(transformers, kind: str, mode: str, repeats: int) -> tuple:
+    """(prefill, decode and load rows, max |logit diff|) of ours against transformers' `kind` causal LM."""
+    shape, lengths = DECODER_SHAPES[kind][mode], LENGTHS[mode]
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape, bos_token_id=0, eos_token_id=0)).eval()
+    hf = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(kind, **shape, bos_token_id=0, eos_token_id=0)).eval()
     hf.generation_config.pad_token_id = 0
     folder = tempfile.mkdtemp(prefix="model_cpu_")
     hf.save_pretrained(folder)
@@ -89,7 +92,8 @@ def main(argv=None):
         decode = interleaved({"ours_n": lambda: ours_gen(new), "ours_1": lambda: ours_gen(1),
                               "hf_n": lambda: hf_gen(new), "hf_1": lambda: hf_gen(1)}, warmup=1, repeats=repeats)
     load = interleaved({"ours": lambda: models.from_pretrained(folder),
-                        "hf": lambda: transformers.GPT2LMHeadModel.from_pretrained(folder)}, warmup=1, repeats=repeats)
+                        "hf": lambda: transformers.AutoModelForCausalLM.from_pretrained(folder)},
+                       warmup=1, repeats=repeats)
 
     tokens = ids.numel()
     per_token = lambda who: (decode[f"{who}_n"][0] - decode[f"{who}_1"][0]) / (new - 1)
@@ -106,19 +110,42 @@ def main(argv=None):
     for row in rows[1:]:
         row["ratio"] = row["transformers"] / row["ours"]  # times: > 1 means ours is faster
     for row in rows:
-        row.update(shape=shape, dtype="float32")
-    rows.append(t5_generation(transformers, mode, repeats))
+        row.update(model=kind, shape=shape, dtype="float32")
+    return rows, diff
+
+
+def lora_step_row(transformers, kind: str, mode: str, repeats: int) -> dict:
+    import peft
+
+    times, loss_diff, ids, lora = train_step_times(transformers, peft, kind, mode, repeats)
+    return dict(metric="lora_train_step_ms", ours=times["ours"][0], transformers=times["peft"][0],
+                ours_ms_p20_p80=times["ours"][1:], transformers_ms_p20_p80=times["peft"][1:],
+                ratio=times["peft"][0] / times["ours"][0], batch=list(ids.shape), lora=lora, model=kind,
+                max_loss_diff=loss_diff, shape=DECODER_SHAPES[kind][mode], dtype="float32")
+
+
+def main(argv=None):
+    args, mode, repeats = cpu_comparison_args(__doc__.splitlines()[0], "model_cpu", "repeats", 5, argv)
+    import transformers
+
+    rows, diff = decoder_rows(transformers, args.model, mode, repeats)
+    if args.model == "gpt2":
+        rows.append(t5_generation(transformers, mode, repeats))
+    if args.model == "llama":
+        rows.append(lora_step_row(transformers, args.model, mode, repeats))
+    shape = DECODER_SHAPES[args.model][mode]
     info = {**run_info(), "transformers": transformers.__version__, "mode": mode, "shape": str(shape),
             "max_abs_logit_diff": f"{diff:.2e}", "repeats": str(repeats)}
     write_json(args.json, info, rows)
 
-    print(f"GPT-2 {mode} {shape} and T5 {T5_SHAPES[mode]}, fp32, {args.threads} threads, {info['device']}, torch {torch.__version__}, "
+    also = f" and T5 {T5_SHAPES[mode]}" if args.model == "gpt2" else ""
+    print(f"{args.model} {mode} {shape}{also}, fp32, {args.threads} threads, {info['device']}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}; max |logit diff| {diff:.1e}")
     print(f"{'metric':<24}{'ours':>12}{'transformers':>14}{'ratio':>8}")
     for row in rows:
         print(f"{row['metric']:<24}{row['ours']:>12.2f}{row['transformers']:>14.2f}{row['ratio']:>8.2f}")
-    print("ours vs transformers (>1 = ours faster): " + ", ".join(
-        f"{name} {row['ratio']:.2f}x" for name, row in zip(("prefill", "decode", "load", "t5 generate"), rows)))
+    print("ours vs transformers (>1 = ours faster): " + ", ".join(f"{HEADLINES[row['metric']]} {row['ratio']:.2f}x"
+                                                               for row in rows))
     return rows
 
 

@@ -47,3 +47,15 @@ def test_against_transformers_and_peft_quick(tmp_path, bench):
     pytest.importorskip("peft")
     rows = bench.main(["--quick", "--threads", "1", "--repeats", "2", "--json", str(tmp_path / "out.json")])
     assert rows == rows_of(tmp_path / "out.json")
+
+
+@pytest.mark.parametrize("model", ["gpt_neo"])
+def test_other_decoders_against_transformers_and_peft_quick(tmp_path, model):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    args = ["--model", model, "--quick", "--threads", "1", "--repeats", "2", "--json", str(tmp_path / "out.json")]
+    rows = model_cpu.main(args)
+    expected = ["prefill_tokens_per_s", "decode_ms_per_token", "load_ms"] + (["lora_train_step_ms"] if model == "llama" else [])
+    assert [row["metric"] for row in rows] == expected and all(row["model"] == model for row in rows)
+    assert rows == rows_of(tmp_path / "out.json")
+    assert [row["impl"] for row in lora_train_cpu.main(args)] == ["ours", "peft"]
