@@ -1,13 +1,16 @@
 """The `lowrank` command (also `python -m lowrank`): finetune, generate, merge, info.
 
     lowrank finetune MODEL_DIR DATA_FILE --output-dir OUT [--method lora --r 8 ...] [training options]
+    lowrank finetune MODEL_DIR DATA_FILE --output-dir OUT --task seq-cls [--text-column text --label-column label]
     lowrank generate MODEL_DIR --prompt TEXT [--adapter DIR ...]
     lowrank merge MODEL_DIR ADAPTER_DIR OUTPUT_DIR
     lowrank info PATH
 
 A PEFT method is one entry of METHODS: the config class's name in `lowrank` and the options that fill its
-fields. Bad arguments exit with argparse's usage error (code 2); any other error exits with one line on
-stderr naming the problem (code 1), never a traceback (LOWRANK_TRACEBACK=1 shows it, for a bug report).
+fields. `--task seq-cls` trains a sequence classifier: the model's `score` head over the training file's
+classes (lowrank.data.class_labels), evaluated by accuracy. Bad arguments exit with argparse's usage error
+(code 2); any other error exits with one line on stderr naming the problem (code 1), never a traceback
+(LOWRANK_TRACEBACK=1 shows it, for a bug report).
 """
 import argparse
 import json
@@ -26,7 +29,7 @@ from . import models
 
 from . import config as peft_configs
 from . import data, io
-from .config import is_encoder_decoder
+from .config import CLASSIFIER_HEADS, is_encoder_decoder
 from .peft_model import PeftModel, get_peft_model
 from .train import MIXED_PRECISION, SCHEDULES, Trainer, TrainingConfig
 
@@ -72,6 +75,7 @@ METHODS = {
     "ptuning": ("PromptEncoderConfig", (VIRTUAL_TOKENS, ENCODER_HIDDEN)),
 }
 METHOD_DEFAULTS = {"num_virtual_tokens": 8}
+TASKS = ("lm", "seq-cls")
 
 TRAINING = (
     Option("--epochs", "num_epochs", float, "passes over the data (default 1)"),
@@ -91,16 +95,38 @@ TRAINING = (
 )
 
 
-def _load_model_and_tokenizer(model_dir, tokenizer_dir=None, device=None):
+def _load_model_and_tokenizer(model_dir, tokenizer_dir=None, device=None, classes=None):
+    """The model (with classes: its sequence classifier over them, see classifier_config) and tokenizer."""
     if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available")
-    model = models.from_pretrained(model_dir, device=device)
+    if classes is not None and models.read_config(Path(model_dir)).get("is_encoder_decoder"):
+        raise ValueError(f"--task seq-cls: {model_dir} is an encoder-decoder model (T5), which has no sequence "
+                         f"classification head; train it with --task lm, the label as --target-column")
+    head = {} if classes is None else {"task_type": "SEQ_CLS", "num_labels": len(classes)}
+    model = models.from_pretrained(model_dir, device=device, **head)
     tokenizer = models.load_tokenizer(tokenizer_dir or model_dir)
     n_tokens, vocab = tokenizer.tokenizer.get_vocab_size(), model.config.vocab_size
     if n_tokens > vocab:
         raise ValueError(f"{Path(tokenizer_dir or model_dir) / 'tokenizer.json'}: {n_tokens} tokens, more than "
                          f"the model's vocab_size={vocab}")
+    if classes is not None:
+        model.config = classifier_config(model.config, classes, tokenizer)
     return model, tokenizer
+
+
+def classifier_config(config, classes, tokenizer):
+    """The model config with the class names as id2label / label2id and a pad_token_id (the classifier reads
+    each row at its last token that is not pad): the config's own, else the tokenizer's pad token, else the
+    eos token, as transformers users set it (said on stderr); ValueError if there is none of them."""
+    pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
+    if pad is None:
+        pad = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("--task seq-cls pads batches, but the model config, the tokenizer and its eos set no "
+                             "pad token; set pad_token_id in config.json")
+        print(f"lowrank finetune: neither the model nor the tokenizer sets a pad token; padding with the eos "
+              f"token (id {pad}), as transformers users do", file=sys.stderr)
+    return replace(config, pad_token_id=pad, extra={**config.extra, **data.label_maps(classes)})
 
 
 def method_config(args):
@@ -135,9 +161,13 @@ def max_length(args, model, config) -> int:
     return args.max_length or positions - virtual
 
 
-def load_examples(path, model, tokenizer, args, max_length: int) -> list:
-    """Examples of a data file for the model's kind: seq2seq for T5, causal LM otherwise."""
+def load_examples(path, model, tokenizer, args, max_length: int, classes=None) -> list:
+    """Examples of a data file for the task and the model's kind: classification over `classes` (the
+    training file's) when given, else seq2seq for T5 and causal LM otherwise."""
     common = dict(max_length=max_length, truncation=args.truncation)
+    if classes is not None:
+        return data.classification_examples(path, tokenizer, text_column=args.text_column or "text",
+                                            label_column=args.label_column, labels=classes, **common)
     if is_encoder_decoder(model):
         return data.seq2seq_examples(path, tokenizer, source_column=args.source_column,
                                      target_column=args.target_column, **common)
@@ -160,16 +190,21 @@ def finetune(args) -> None:
     training = TrainingConfig(output_dir=str(args.output_dir), progress=not args.no_progress,
                               **{o.field: getattr(args, o.field) for o in TRAINING if getattr(args, o.field) is not None})
     config = method_config(args)
-    model, tokenizer = _load_model_and_tokenizer(args.model, args.tokenizer, training.device)
+    classes = data.class_labels(args.data, args.label_column) if args.task == "seq-cls" else None
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.tokenizer, training.device, classes)
     length = max_length(args, model, config)
-    train_data = load_examples(args.data, model, tokenizer, args, length)
-    eval_data = load_examples(args.eval_data, model, tokenizer, args, length) if args.eval_data else None
-    config = replace(config, task_type="SEQ_2_SEQ_LM" if is_encoder_decoder(model) else "CAUSAL_LM")
+    train_data = load_examples(args.data, model, tokenizer, args, length, classes)
+    eval_data = load_examples(args.eval_data, model, tokenizer, args, length, classes) if args.eval_data else None
+    task_type = "SEQ_CLS" if classes is not None else "SEQ_2_SEQ_LM" if is_encoder_decoder(model) else "CAUSAL_LM"
+    config = replace(config, task_type=task_type)
     torch.manual_seed(training.seed)
     peft = get_peft_model(model, config)
-    trainer = Trainer(peft, training, train_data, eval_data, pad_token_id=tokenizer.pad_token_id or 0)
+    pad_token_id = model.config.pad_token_id if classes is not None else tokenizer.pad_token_id or 0
+    trainer = Trainer(peft, training, train_data, eval_data, pad_token_id=pad_token_id)
     if trainer.process.is_main:
         peft.print_trainable_parameters()
+        if classes is not None:
+            print("classes:", " ".join(f"{i}={name}" for i, name in enumerate(classes)))
     last = trainer.train(resume_from_checkpoint=args.resume)
     if trainer.process.is_main:
         print(" ".join(f"{k}={v:.4g}" for k, v in last.items()), f"-> {args.output_dir}")
@@ -261,6 +296,21 @@ def info(args) -> None:
     print(title)
     print(json.dumps(fields, indent=2, sort_keys=True))
     print(f"{weights.name}: {len(shapes)} tensors, {count:,d} parameters ({', '.join(dtypes)})")
+    head = classifier_head(fields, shapes)
+    if head:
+        print(head)
+
+
+def classifier_head(fields: dict, shapes: dict) -> str:
+    """"head: score.weight [2, 32], 2 labels: bad, good" for a model (or adapter) file holding a
+    classification head (CLASSIFIER_HEADS), with config.json's id2label names; "" for one without."""
+    tensors = [f"{k} {list(shape)}" for k, (shape, _) in sorted(shapes.items())
+               if set(k.split(".")) & set(CLASSIFIER_HEADS)]
+    if not tensors:
+        return ""
+    names = fields.get("id2label")
+    labels = f", {len(names)} labels: {', '.join(map(str, names.values()))}" if isinstance(names, dict) else ""
+    return f"head: {', '.join(tensors)}{labels}"
 
 
 def positive_float(text: str) -> float:
@@ -293,13 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("finetune", help="train an adapter on a data file", description=(
         "Train an adapter. Causal LMs (GPT-2) read prompt/completion columns (loss on the completion) or a "
-        "text column (.txt: one example per line); T5 reads source/target columns."))
+        "text column (.txt: one example per line); T5 reads source/target columns. --task seq-cls trains a "
+        "classifier on text/label columns: the training file's distinct labels, sorted, are the classes."))
     p.add_argument("model", type=Path, help="checkpoint folder (config.json + model.safetensors)")
     p.add_argument("data", type=Path, help=".jsonl, .csv or .txt training data")
     p.add_argument("--output-dir", type=Path, required=True, help="where the adapter and checkpoints go")
     p.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: the model folder)")
     p.add_argument("--eval-data", type=Path, help="evaluation data, same format")
     p.add_argument("--method", choices=sorted(METHODS), default="lora")
+    p.add_argument("--task", choices=TASKS, default="lm", help=(
+        "lm (default): learn the text, as a causal LM (GPT-2) or seq2seq (T5) by the model; seq-cls: a "
+        "decoder's score head on its last token over the labels of --label-column (T5 classifies as lm, "
+        "generating the label's text)"))
     group = p.add_argument_group("method options (the methods each applies to in brackets)")
     applies = {}
     for name, (_, options) in METHODS.items():
@@ -311,8 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-length", type=positive_int, help="tokens per example (default: what the model holds: n_positions less any virtual tokens, or 512)")
     group.add_argument("--truncation", choices=data.TRUNCATION, default="refuse", help="for over-long examples")
     for flag, default in (("--prompt-column", "prompt"), ("--completion-column", "completion"),
-                          ("--text-column", None), ("--source-column", "source"), ("--target-column", "target")):
+                          ("--source-column", "source"), ("--target-column", "target"), ("--label-column", "label")):
         group.add_argument(flag, default=default, help=f"column name (default {default})")
+    group.add_argument("--text-column", help="column of texts learned whole (lm; default: prompt/completion, or "
+                                             "text for .txt) or classified (seq-cls; default text)")
     group = p.add_argument_group("training")
     for o in TRAINING:
         o.add_to(group)

@@ -1,20 +1,27 @@
 """Training data from local files: jsonl, csv or plain text, tokenized with a tokenizer.json.
 
 A record is one row of the file as a dict of strings (a .txt file gives {"text": line} per non-empty line).
-An example is {"input_ids": [int], "labels": [int]}:
+An example is {"input_ids": [int], "labels": [int]} ("labels": int, a class id, for classification):
 
 - causal LM, prompt/completion: input_ids = prompt + completion + eos; labels = -100 on the prompt, the
   completion's ids after it (GPT-2 shifts inside its loss, so labels align with input_ids);
 - causal LM, plain text: labels = input_ids (every token is learned);
-- seq2seq (T5): input_ids = source + eos; labels = target + eos (T5 shifts labels into decoder inputs).
+- seq2seq (T5): input_ids = source + eos; labels = target + eos (T5 shifts labels into decoder inputs);
+- sequence classification: input_ids = text (no eos: the classifier reads the last real token); labels = one
+  class id (an int, not a list).
+
+The classes of a classification file are its distinct labels, sorted: integers (JSON 3, or the text "3" as a
+csv holds it) by value first, then text alphabetically; class id i is the i-th. The training file's classes
+are the model config's id2label / label2id (label_maps); other files' labels must be among them.
 
 Errors name the file, the line and the column at fault, and are raised while reading, before training.
 """
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -23,6 +30,7 @@ from .checks import is_count
 IGNORE_INDEX = -100
 TRUNCATION = ("refuse", "truncate")
 TOKENIZER_EOS = "tokenizer"  # the eos_token_id default: the tokenizer's own eos
+INTEGER_TEXT = re.compile(r"0|-?[1-9][0-9]*")  # a label written as an integer: "3", not "03" or " 3"
 
 
 @dataclass(frozen=True)
@@ -118,8 +126,7 @@ def column(record: Record, name: str, path) -> str:
 def resolve_eos(tokenizer, eos_token_id) -> Optional[int]:
     """The eos id examples end in: the tokenizer's own for TOKENIZER_EOS (ValueError if it has none), else
     eos_token_id as given (None: no eos)."""
-    if not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "eos_token_id"):
-        raise TypeError(f"tokenizer must be a models.load_tokenizer tokenizer, got {type(tokenizer).__name__}")
+    _check_tokenizer(tokenizer)
     if eos_token_id != TOKENIZER_EOS:
         if eos_token_id is not None and not is_count(eos_token_id, 0):
             raise ValueError(f"eos_token_id={eos_token_id!r} must be a token id >= 0, None or {TOKENIZER_EOS!r}")
@@ -128,6 +135,11 @@ def resolve_eos(tokenizer, eos_token_id) -> Optional[int]:
         raise ValueError("the tokenizer has no end-of-sequence token (</s>, <|endoftext|>, <eos> or [SEP]); "
                          "pass eos_token_id=ID, or eos_token_id=None for examples without one")
     return tokenizer.eos_token_id
+
+
+def _check_tokenizer(tokenizer) -> None:
+    if not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "eos_token_id"):
+        raise TypeError(f"tokenizer must be a models.load_tokenizer tokenizer, got {type(tokenizer).__name__}")
 
 
 def _with_eos(ids: list, eos: Optional[int]) -> list:
@@ -213,21 +225,103 @@ def seq2seq_examples(path, tokenizer, max_length: int, max_target_length: Option
     return examples
 
 
+def class_labels(path, label_column: str = "label") -> tuple:
+    """The class names of the classification file at `path`, in class-id order (see the module docstring),
+    as text ("3" for the integer 3). ValueError naming the file for one class only, and the line for a
+    missing, empty or non-label value."""
+    return _classes_of(read_records(path), label_column, path)
+
+
+def classification_examples(path, tokenizer, max_length: int, text_column: str = "text", label_column: str = "label",
+                            labels: Optional[Sequence[str]] = None, truncation: str = "refuse") -> list:
+    """Examples {"input_ids": the text's ids, "labels": its class id} for a sequence classifier, from the file
+    at `path`. labels: the class names in id order, class_labels of the training file, so that other files
+    get the same ids (None: this file's own); a label outside them is a ValueError naming the file, line and
+    label. truncation as in causal_lm_examples."""
+    _check_options(max_length, truncation)
+    _check_tokenizer(tokenizer)
+    records = read_records(path)
+    classes = _classes_of(records, label_column, path) if labels is None else _checked_classes(labels)
+    class_ids = {_label_key(name): i for i, name in enumerate(classes)}
+    examples = []
+    for r in records:
+        where = f"{path}, line {r.line}"
+        label = _label(r, label_column, path)
+        if label not in class_ids:
+            raise ValueError(f"{where}, column {label_column!r}: label {str(label)!r} is not one of the "
+                             f"{len(classes)} known labels {list(classes)}")
+        ids = _fit(tokenizer.encode(column(r, text_column, path)), max_length, truncation, where)
+        if not ids:
+            raise ValueError(f"{where}: column {text_column!r} has no tokens")
+        examples.append({"input_ids": ids, "labels": class_ids[label]})
+    return examples
+
+
+def label_maps(classes: Sequence[str]) -> dict:
+    """{"id2label": {"0": name, ...}, "label2id": {name: 0, ...}}: the class names as a model config holds them."""
+    classes = _checked_classes(classes)
+    return {"id2label": {str(i): name for i, name in enumerate(classes)},
+            "label2id": {name: i for i, name in enumerate(classes)}}
+
+
+def _label_key(text: str) -> Union[int, str]:
+    """A label as the classes order it: the integer for integer text ("3" -> 3), else the text."""
+    return int(text) if INTEGER_TEXT.fullmatch(text) else text
+
+
+def _label(record: Record, name: str, path) -> Union[int, str]:
+    """The record's label in column `name`: a JSON integer, or text (integer text read as the integer)."""
+    value = record.fields.get(name)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = column(record, name, path)
+    if not text.strip():
+        raise ValueError(f"{path}, line {record.line}, column {name!r}: empty label")
+    return _label_key(text)
+
+
+def _classes_of(records: list, label_column: str, path) -> tuple:
+    labels = {_label(r, label_column, path) for r in records}
+    if len(labels) < 2:
+        raise ValueError(f"{path}: one class only ({str(next(iter(labels)))!r} in column {label_column!r} on every "
+                         f"line); classification needs at least 2")
+    return tuple(str(label) for label in sorted(labels, key=lambda label: (isinstance(label, str), label)))
+
+
+def _checked_classes(classes) -> tuple:
+    """classes as a tuple, if they are at least 2 distinct class names; else ValueError."""
+    if isinstance(classes, str) or not isinstance(classes, Sequence) or len(classes) < 2 \
+            or not all(isinstance(c, str) for c in classes) or len(set(map(_label_key, classes))) != len(classes):
+        raise ValueError(f"labels={classes!r} must be at least 2 distinct class names (class_labels of the "
+                         f"training file)")
+    return tuple(classes)
+
+
+def is_class_id(labels) -> bool:
+    """Whether an example's labels are one class id (a classification example), not a list of token labels."""
+    return isinstance(labels, int) and not isinstance(labels, bool)
+
+
 def collate(examples: list, pad_token_id: int) -> dict:
     """examples -> {"input_ids": (B, T) long, right-padded with pad_token_id; "attention_mask": (B, T) long,
-    1 on real tokens; "labels": (B, T_labels) long, right-padded with -100}."""
+    1 on real tokens; "labels": (B,) long class ids for classification examples, else (B, T_labels) long
+    right-padded with -100}. A sequence classifier reads each row at its last token that is not its
+    config.pad_token_id, so that is the pad_token_id to pass for classification."""
     def pad(rows, value):
         out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
         for i, row in enumerate(rows):
             out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
         return out
 
-    ids = [e["input_ids"] for e in examples]
+    ids, labels = [e["input_ids"] for e in examples], [e["labels"] for e in examples]
     return {"input_ids": pad(ids, pad_token_id), "attention_mask": pad([[1] * len(r) for r in ids], 0),
-            "labels": pad([e["labels"] for e in examples], IGNORE_INDEX)}
+            "labels": torch.tensor(labels, dtype=torch.long) if is_class_id(labels[0]) else pad(labels, IGNORE_INDEX)}
 
 
 def label_tokens(labels: torch.Tensor, shifted: bool) -> int:
-    """How many label tokens a batch's loss averages over: labels (B, T) != -100, without the first column
-    when the model shifts labels left (causal LMs predict token t + 1 from t)."""
+    """How many labels a batch's loss averages over: B for (B,) class ids; for (B, T) token labels those
+    != -100, without the first column when the model shifts labels left (causal LMs predict token t + 1
+    from t)."""
+    if labels.dim() == 1:
+        return labels.numel()
     return int((labels[:, 1:] if shifted else labels).ne(IGNORE_INDEX).sum())

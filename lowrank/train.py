@@ -1,15 +1,15 @@
 """The training loop: AdamW on the trainable parameters, warm-up then linear or cosine decay, gradient
-accumulation and clipping, bf16 autocast (fp16 with loss scaling on GPU), eval loss and perplexity, checkpoints, exact resume,
-and DistributedDataParallel under torchrun.
+accumulation and clipping, bf16 autocast (fp16 with loss scaling on GPU), eval loss and perplexity (accuracy for
+sequence classification), checkpoints, exact resume, and DistributedDataParallel under torchrun.
 
 The micro-batch stream is one sequence over epochs: optimizer step t consumes micro-batches
 t*k .. t*k + k - 1 (k = gradient_accumulation_steps) of the stream, where epoch e is the sampler's
 permutation for seed + e. So a step number alone says where the data stands, and a run resumed from a
 checkpoint continues with the very batches, RNG draws and optimizer state of the uninterrupted run.
 
-The loss of an accumulated step is the mean over all label tokens of its k micro-batches on all processes
-(each micro-batch's mean loss weighted by its share of the tokens), so k micro-batches of b examples on
-N processes give the gradient of one batch of k * N * b examples.
+The loss of an accumulated step is the mean over all label tokens (for classification: all examples) of its
+k micro-batches on all processes (each micro-batch's mean loss weighted by its share of them), so k
+micro-batches of b examples on N processes give the gradient of one batch of k * N * b examples.
 
 A checkpoint folder `checkpoint-<step>` holds the adapter in PEFT's format (or the model, for full
 fine-tuning: whatever `model.save_pretrained` writes), `trainable.safetensors` (every trainable parameter by
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checks import check_at_least, check_types
 from .config import PromptEncoderConfig, PromptTuningConfig, is_encoder_decoder
-from .data import collate, label_tokens
+from .data import collate, is_class_id, label_tokens
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write, finish_interrupted_write
 
@@ -120,16 +120,21 @@ def loss_drops_first_label(model: nn.Module) -> bool:
     """Whether the model's loss leaves out the first label column. Causal LMs predict token t + 1 from t,
     so they do; an encoder-decoder does not; nor does a causal LM behind a prepended soft prompt (prompt
     tuning, P-tuning), whose N leading -100 labels absorb the shift (docs/formats.md D.3)."""
-    if is_encoder_decoder(model):
-        return False
+    return not is_encoder_decoder(model) and not has_virtual_tokens(model)
+
+
+def has_virtual_tokens(model: nn.Module) -> bool:
+    """Whether an active adapter prepends virtual tokens (prompt tuning, P-tuning): the model then gets
+    inputs_embeds, not input_ids."""
     configs = getattr(model, "peft_config", {})
     active = [configs[a] for a in getattr(model, "active_adapters", []) if a in configs]
-    return not any(isinstance(c, (PromptTuningConfig, PromptEncoderConfig)) for c in active)
+    return any(isinstance(c, (PromptTuningConfig, PromptEncoderConfig)) for c in active)
 
 
 class Trainer:
     """Trains `model` (a PeftModel, or any model whose forward(**batch) returns `.loss`) on `train_data`,
-    a list of examples {"input_ids": [int], "labels": [int]} (see lowrank.data), padded with pad_token_id.
+    a list of examples {"input_ids": [int], "labels": [int]} or, for a sequence classifier, {"input_ids":
+    [int], "labels": int} (see lowrank.data), padded with pad_token_id (a classifier's config.pad_token_id).
     `history` gets one entry per optimizer step: {"step", "loss", "lr", "tokens_per_s"}, plus the eval
     metrics on the steps that evaluate."""
 
@@ -139,9 +144,13 @@ class Trainer:
             raise TypeError(f"config must be a TrainingConfig, got {type(config).__name__}")
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
             raise ValueError(f"pad_token_id={pad_token_id!r} must be a token id >= 0")
-        check_examples(train_data, "train_data")
-        if eval_data is not None:
-            check_examples(eval_data, "eval_data")
+        self.classification = check_examples(train_data, "train_data")
+        if eval_data is not None and check_examples(eval_data, "eval_data") != self.classification:
+            kinds = ("token-label", "classification")
+            raise ValueError(f"eval_data are {kinds[not self.classification]} examples, train_data "
+                             f"{kinds[self.classification]} ones")
+        if self.classification:
+            _check_classifier_padding(model, pad_token_id, config.batch_size)
         if config.output_dir and not hasattr(model, "save_pretrained"):
             raise ValueError(f"output_dir={config.output_dir!r}, but {type(model).__name__} has no save_pretrained")
         self.config = config
@@ -196,7 +205,7 @@ class Trainer:
     def train(self, resume_from_checkpoint=None) -> dict:
         """Train to total_steps; resume_from_checkpoint: a checkpoint folder, or "latest" for the newest in
         output_dir. Saves checkpoints and, at the end, the model to output_dir. Returns the last history
-        entry (with eval_loss and perplexity when there is eval data)."""
+        entry (with the evaluate() metrics when there is eval data)."""
         if resume_from_checkpoint is not None:
             self.load_checkpoint(self._resolve_checkpoint(resume_from_checkpoint))
         else:
@@ -262,21 +271,26 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, eval_data: Optional[list] = None) -> dict:
         """{"eval_loss": mean loss over every label token of eval_data (default: the trainer's), "perplexity":
-        exp(eval_loss)}; each process takes every world_size-th example."""
+        exp(eval_loss)}; for classification examples {"eval_loss": mean loss over the examples, "accuracy":
+        the share whose argmax logit is their class}. Each process takes every world_size-th example."""
         data = (self.eval_data if eval_data is None else eval_data)[self.process.rank::self.process.world_size]
         self.model.eval()
-        loss_sum, count = 0.0, 0
+        loss_sum, count, correct = 0.0, 0, 0
         for i in range(0, len(data), self.config.batch_size):
             batch = self._batch(data[i:i + self.config.batch_size])
             n = label_tokens(batch["labels"], self.shifted)
             if n:
                 with self._autocast():
-                    loss_sum += self.model(**batch).loss.item() * n
+                    out = self.model(**batch)
+                loss_sum += out.loss.item() * n
+                correct += correct_predictions(out.logits, batch["labels"]) if self.classification else 0
                 count += n
-        loss_sum, count = distributed.all_sum([loss_sum, count], self.device)
+        loss_sum, count, correct = distributed.all_sum([loss_sum, count, correct], self.device)
         if not count:
             raise ValueError("eval data has no label tokens")
         loss = loss_sum / count
+        if self.classification:
+            return {"eval_loss": loss, "accuracy": correct / count}
         return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
     # -- files --
@@ -415,19 +429,45 @@ class Trainer:
                                   f"{' '.join(str(e).split())[:200]}") from None
 
 
-def check_examples(examples, name: str) -> None:
-    """examples: a non-empty list of {"input_ids": [ids], "labels": [ids]} (lowrank.data's examples);
-    ValueError naming the first one that is not."""
+def check_examples(examples, name: str) -> bool:
+    """examples: a non-empty list of lowrank.data's examples, all {"input_ids": [ids], "labels": [ids]} or
+    all {"input_ids": [ids], "labels": class id >= 0}; True for the second kind (classification). ValueError
+    naming the first example that is not."""
     if not isinstance(examples, (list, tuple)) or not examples:
         raise ValueError(f"{name} must be a non-empty list of examples, got "
                          f"{type(examples).__name__ if not isinstance(examples, (list, tuple)) else 'an empty one'}")
+    first = examples[0].get("labels") if isinstance(examples[0], dict) else None
+    classification = is_class_id(first)
     for i, example in enumerate(examples):
         for key in ("input_ids", "labels"):
             ids = example.get(key) if isinstance(example, dict) else None
-            if not isinstance(ids, (list, tuple)) or not ids or not all(
+            if key == "labels" and classification:
+                if not is_class_id(ids) or ids < 0:
+                    raise ValueError(f"{name}[{i}]['labels'] must be a class id >= 0, as {name}[0]'s is, got "
+                                     f"{ids!r}")
+            elif not isinstance(ids, (list, tuple)) or not ids or not all(
                     isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise ValueError(f"{name}[{i}][{key!r}] must be a non-empty list of token ids, got "
                                  f"{type(ids).__name__ if ids is not None else 'nothing'}")
+    return classification
+
+
+def _check_classifier_padding(model: nn.Module, pad_token_id: int, batch_size: int) -> None:
+    """A classifier reads each row at its last token that is not config.pad_token_id: padding with another
+    id, or behind virtual tokens (embeddings carry no pad id: it reads the last column), would read a pad."""
+    expected = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if expected is not None and expected != pad_token_id:
+        raise ValueError(f"pad_token_id={pad_token_id}, but the classifier reads each row's last token that is "
+                         f"not config.pad_token_id={expected}; pass pad_token_id={expected}")
+    if batch_size > 1 and has_virtual_tokens(model):
+        raise ValueError(f"batch_size={batch_size}: behind a soft prompt (prompt tuning, P-tuning) the classifier "
+                         f"gets embeddings and reads every row's last column (as transformers does), a pad "
+                         f"token in a padded batch; use batch_size=1, or LoRA or prefix tuning")
+
+
+def correct_predictions(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    """How many rows of logits (B, num_labels) have their largest logit at their class id in labels (B,)."""
+    return int((logits.argmax(-1) == labels).sum())
 
 
 def _read_state(file: Path, keys) -> dict:

@@ -1,8 +1,11 @@
-"""The `lowrank` command on tiny checkpoints in tmp_path: finetune, generate, merge (a checkpoint transformers
-loads, with our merged model's logits), info; bad arguments and bad files end in one line, not a traceback."""
+"""The `lowrank` command on tiny checkpoints in tmp_path: finetune (a causal LM, T5, a sequence classifier),
+generate, merge (a checkpoint transformers loads, with our merged model's logits), info; bad arguments and bad
+files end in one line, not a traceback."""
 import json
+from dataclasses import replace
 import subprocess
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from lowrank import models
 from examples.common import tiny_gpt2, tiny_t5, write_jsonl
 from lowrank.models import word_tokenizer
 from lowrank import PeftModel
-from lowrank.cli import main
+from lowrank.cli import classifier_config, main
 
 
 WORDS = "one two three four five positive negative good bad movie is".split()
@@ -212,10 +215,69 @@ def test_bad_files_and_values_give_one_line_and_exit_1(gpt2_dir, tmp_path, capsy
     assert err.startswith(f"lowrank {argv[0]}: error: ")
 
 
+REVIEWS = [{"text": "movie is good", "label": "good"}, {"text": "movie is bad", "label": "bad"},
+           {"text": "good good movie", "label": "good"}, {"text": "bad movie is bad", "label": "bad"}]
+
+
+def test_finetune_seq_cls_trains_a_classifier_adapter_and_reports_accuracy(gpt2_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "reviews.jsonl", REVIEWS)
+    with pytest.warns(UserWarning, match=r"GPT2LMHeadModel checkpoint loaded as GPT2ForSequenceClassification: "
+                                         r"\['score.weight'\] newly initialised"):
+        code, out, err = run(capsys, "finetune", gpt2_dir, data, "--eval-data", data, "--task", "seq-cls",
+                             "--output-dir", tmp_path / "out", "--max-steps", "4", "--batch-size", "2",
+                             "--lr", "0.05", "--no-progress")
+    assert code == 0, err
+    assert "classes: 0=bad 1=good" in out and "eval_loss=" in out and "accuracy=" in out and "perplexity" not in out
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
+    assert load_file(tmp_path / "out" / "adapter_model.safetensors")
+    history = json.loads((tmp_path / "out" / "train_log.json").read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4] and 0 <= history[-1]["accuracy"] <= 1
+
+
+def test_info_shows_a_classification_checkpoints_head(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = models.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=16, n_positions=8, pad_token_id=0)
+    labels = {"id2label": {"0": "bad", "1": "good"}, "label2id": {"bad": 0, "good": 1}}
+    models.GPT2ForSequenceClassification(replace(config, extra=labels)).save_pretrained(tmp_path)
+    code, out, _ = run(capsys, "info", tmp_path)
+    assert code == 0 and out.startswith("model: gpt2 (GPT2ForSequenceClassification)")
+    assert out.endswith("head: score.weight [2, 32], 2 labels: bad, good\n")
+
+
+@pytest.mark.parametrize("rows, eval_rows, message", [
+    (REVIEWS, REVIEWS[:1] + [{"text": "movie", "label": "meh"}],
+     "eval.jsonl, line 2, column 'label': label 'meh' is not one of the 2 known labels ['bad', 'good']"),
+    (REVIEWS[:2] + [{"text": "movie"}], None, "train.jsonl, line 3: missing column 'label' (found ['text'])"),
+    (REVIEWS[::2], None, "train.jsonl: one class only ('good' in column 'label' on every line)"),
+    (REVIEWS, "t5", "--task seq-cls: {t5} is an encoder-decoder model (T5), which has no sequence classification head"),
+])
+@pytest.mark.filterwarnings("ignore:.*newly initialised:UserWarning")
+def test_bad_classification_inputs_give_one_line_naming_them(gpt2_dir, tmp_path, capsys, rows, eval_rows, message):
+    model_dir = checkpoint(tmp_path / "t5", tiny_t5) if eval_rows == "t5" else gpt2_dir
+    extra = ["--eval-data", write_jsonl(tmp_path / "eval.jsonl", eval_rows)] if isinstance(eval_rows, list) else []
+    code, out, err = run(capsys, "finetune", model_dir, write_jsonl(tmp_path / "train.jsonl", rows), *extra,
+                         "--task", "seq-cls", "--output-dir", tmp_path / "out", "--max-steps", "1", "--no-progress")
+    assert code == 1 and out == "" and message.format(t5=model_dir) in err and err.count("\n") == 1
+
+
+def test_a_classifier_without_a_pad_token_pads_with_eos_and_says_so(capsys):
+    config = models.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=16, eos_token_id=None, pad_token_id=None)
+    tokenizer = SimpleNamespace(pad_token_id=None, eos_token_id=3)
+    labelled = classifier_config(config, ("bad", "good"), tokenizer)
+    assert labelled.pad_token_id == 3 and labelled.num_labels == 2
+    assert labelled.extra["label2id"] == {"bad": 0, "good": 1}
+    assert "padding with the eos token (id 3)" in capsys.readouterr().err
+    assert classifier_config(replace(config, pad_token_id=5), ("bad", "good"), tokenizer).pad_token_id == 5
+    with pytest.raises(ValueError, match="set no pad token"):
+        classifier_config(config, ("bad", "good"), SimpleNamespace(pad_token_id=None, eos_token_id=None))
+
+
 @pytest.mark.parametrize("argv", [[], ["finetune"], ["train", "x"], ["info", "a", "b"], ["generate", "m"],
                                   ["finetune", "m", "d", "--output-dir", "o", "--r", "four"],
                                   ["generate", "m", "--prompt", "x", "--max-new-tokens", "-1"],
-                                  ["finetune", "m", "d", "--output-dir", "o", "--max-length", "0"]])
+                                  ["finetune", "m", "d", "--output-dir", "o", "--max-length", "0"],
+                                  ["finetune", "m", "d", "--output-dir", "o", "--task", "cls"]])
 def test_bad_arguments_exit_2_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -1,10 +1,12 @@
 """Local data files to examples: jsonl, csv and txt read alike, the loss falls on the completion only,
-collation pads with masks and -100, and bad files fail with the file, line and column named."""
+classification labels become class ids by one rule, collation pads with masks and -100 (or stacks class
+ids), and bad files fail with the file, line and column named."""
 import pytest
+import torch
 
 from lowrank.models import word_tokenizer
-from lowrank.data import (causal_lm_examples, collate, label_tokens, read_records,
-                          seq2seq_examples)
+from lowrank.data import (causal_lm_examples, class_labels, classification_examples, collate, label_maps,
+                          label_tokens, read_records, seq2seq_examples)
 
 WORDS = "what is two plus three five a b c positive negative great awful".split()
 ROWS = [("what is two plus three", "five"), ("a b", "c")]
@@ -143,3 +145,63 @@ def test_bad_sizes_tokenizers_and_fields_are_named(tmp_path, tokenizer):
     with pytest.raises(ValueError, match=r"s.jsonl, line 1, column 'prompt': not text"):
         causal_lm_examples(lone, tokenizer, max_length=16)
     assert causal_lm_examples(empty, tokenizer, max_length=16, eos_token_id=None)  # blank lines are skipped
+
+
+def test_text_labels_are_classes_in_sorted_order_and_other_files_must_use_them(tmp_path, tokenizer):
+    train = write(tmp_path / "train.jsonl", '{"text": "a great b", "label": "positive"}\n'
+                                            '{"text": "awful", "label": "negative"}\n'
+                                            '{"text": "c", "label": "positive"}\n')
+    classes = class_labels(train)
+    assert classes == ("negative", "positive")
+    assert label_maps(classes) == {"id2label": {"0": "negative", "1": "positive"},
+                                   "label2id": {"negative": 0, "positive": 1}}
+    examples = classification_examples(train, tokenizer, max_length=8)
+    assert examples == [{"input_ids": tokenizer.encode("a great b"), "labels": 1},
+                        {"input_ids": tokenizer.encode("awful"), "labels": 0},
+                        {"input_ids": tokenizer.encode("c"), "labels": 1}]  # no eos: the classifier reads the text
+    only_positive = write(tmp_path / "eval.jsonl", '{"text": "great", "label": "positive"}\n')
+    assert classification_examples(only_positive, tokenizer, 8, labels=classes)[0]["labels"] == 1
+    unknown = write(tmp_path / "bad.jsonl", '{"text": "a", "label": "positive"}\n{"text": "b", "label": "great"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2, column 'label': label 'great' is not one of the 2 "
+                                         r"known labels \['negative', 'positive'\]"):
+        classification_examples(unknown, tokenizer, 8, labels=classes)
+
+
+def test_integer_labels_sort_by_value_alike_in_jsonl_and_csv(tmp_path, tokenizer):
+    jsonl = write(tmp_path / "d.jsonl", "".join(f'{{"review": "a", "stars": {n}}}\n' for n in (10, 2, 1, 2)))
+    csv_ = write(tmp_path / "d.csv", "review,stars\n" + "".join(f"a,{n}\n" for n in (10, 2, 1, 2)))
+    for path in (jsonl, csv_):
+        assert class_labels(path, "stars") == ("1", "2", "10")
+        examples = classification_examples(path, tokenizer, 8, text_column="review", label_column="stars")
+        assert [e["labels"] for e in examples] == [2, 1, 0, 1]
+    mixed = write(tmp_path / "m.jsonl", '{"text": "a", "label": "spam"}\n{"text": "b", "label": 3}\n'
+                                        '{"text": "c", "label": "03"}\n')
+    assert class_labels(mixed) == ("3", "03", "spam")  # integers first; "03" is text, not the integer 3
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"text": "a", "label": "x"}\n{"text": "b"}\n', r"d.jsonl, line 2: missing column 'label' \(found \['text'\]\)"),
+    ('{"text": "a", "label": 1}\n{"text": "b", "label": 1}\n', r"d.jsonl: one class only \('1' in column 'label'"),
+    ('{"text": "a", "label": "x"}\n{"text": "b", "label": " "}\n', r"d.jsonl, line 2, column 'label': empty label"),
+    ('{"text": "a", "label": "x"}\n{"text": "b", "label": 1.5}\n', r"line 2, column 'label': expected text, got float"),
+    ('{"text": "a", "label": "x"}\n{"text": "", "label": "y"}\n', r"d.jsonl, line 2: column 'text' has no tokens"),
+    ('{"text": "a b c", "label": "x"}\n{"text": "b", "label": "y"}\n', r"line 1: 3 tokens, longer than max_length=2"),
+])
+def test_bad_classification_files_name_file_line_and_label(tmp_path, tokenizer, text, message):
+    with pytest.raises(ValueError, match=message):
+        classification_examples(write(tmp_path / "d.jsonl", text), tokenizer, max_length=2)
+
+
+def test_given_labels_must_be_two_distinct_names(tmp_path, tokenizer):
+    path = write(tmp_path / "d.jsonl", '{"text": "a", "label": "x"}\n')
+    for bad in (["x"], "xy", ["x", "x"], ["x", 1]):
+        with pytest.raises(ValueError, match="must be at least 2 distinct class names"):
+            classification_examples(path, tokenizer, 8, labels=bad)
+
+
+def test_collate_stacks_class_ids_and_pads_ids_on_the_right():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": 1}, {"input_ids": [8], "labels": 0}], pad_token_id=3)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.long
+    assert label_tokens(batch["labels"], shifted=True) == 2  # one label per example, whatever the model shifts

@@ -1,5 +1,6 @@
 """The training loop on the tiny GPT-2 and T5: the loss falls, only the adapter moves, accumulated
-micro-batches equal one big batch, and a resumed run ends bit for bit where an uninterrupted one does."""
+micro-batches equal one big batch, a resumed run ends bit for bit where an uninterrupted one does, and a
+sequence classifier trains on class ids and is evaluated by accuracy."""
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowrank import LoraConfig, PromptTuningConfig, get_peft_model
+from lowrank import LoraConfig, PromptTuningConfig, get_peft_model, models
 from lowrank.errors import CheckpointError
 from lowrank.train import Trainer, TrainingConfig, lr_factor, train
 
@@ -35,6 +36,21 @@ def prompt_gpt2(model_dropout=0.1):
     """Prompt tuning (3 virtual tokens) on a tiny GPT-2: its labels get 3 leading -100s inside the model."""
     base = tiny_gpt2(resid_pdrop=model_dropout, embd_pdrop=model_dropout, attn_pdrop=model_dropout)
     return get_peft_model(base, PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+
+
+def class_examples(n, seed=0):
+    """n classification examples: 2..7 random tokens (never the pad id 0) and a class id of 3."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(1, 64, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist(),
+             "labels": int(torch.randint(0, 3, (1,), generator=g))} for _ in range(n)]
+
+
+def classifier(seed=0):
+    """A tiny GPT2ForSequenceClassification over 3 classes, without dropout, padded with id 0."""
+    torch.manual_seed(seed)
+    return models.GPT2ForSequenceClassification(models.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64, pad_token_id=0, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0).with_labels(3)).eval()
 
 
 def config(**overrides):
@@ -249,3 +265,50 @@ def test_a_state_that_does_not_load_leaves_the_optimizer_and_model_as_they_were(
 def test_bad_training_data_is_named(data, message):
     with pytest.raises(ValueError, match=message):
         Trainer(peft_gpt2(), config(max_steps=1), data)
+
+
+def test_classifier_eval_reports_accuracy_and_loss_against_a_hand_count():
+    """Batches of 3 padded on the right give, row by row, what each example gives alone."""
+    model, data = classifier(), class_examples(7)
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])) for e in data]
+    correct = sum(int(out.logits.argmax(-1)) == e["labels"] for out, e in zip(alone, data))
+    assert 0 < correct < len(data)  # a count that a wrong padding or argmax axis would change
+    metrics = Trainer(model, config(batch_size=3), data, data).evaluate()
+    assert metrics.keys() == {"eval_loss", "accuracy"}
+    assert metrics["accuracy"] == correct / len(data)
+    assert metrics["eval_loss"] == pytest.approx(sum(out.loss.item() for out in alone) / len(data), rel=1e-5)
+
+
+def test_lora_on_a_classifier_learns_its_classes():
+    data = class_examples(6)
+    model = get_peft_model(classifier(), LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS"))
+    trainer = Trainer(model, config(max_steps=30, learning_rate=5e-2, lr_scheduler_type="constant", batch_size=3),
+                      data, eval_data=data)
+    before = trainer.evaluate()
+    after = trainer.train()
+    assert after["eval_loss"] < before["eval_loss"] and after["accuracy"] == 1.0
+
+
+def test_accumulated_classifier_micro_batches_weigh_each_example_once():
+    """3 examples as micro-batches of 2 and 1 (k = 2) or as one batch: each example weighs 1/3 either way."""
+    data, adam_as_sgd = class_examples(3), dict(max_steps=1, learning_rate=1e3, adam_epsilon=1e3, max_grad_norm=None)
+    start = trainable(classifier())
+    one = train(classifier(), data, config(batch_size=3, **adam_as_sgd)).model
+    two = train(classifier(), data, config(batch_size=2, gradient_accumulation_steps=2, **adam_as_sgd)).model
+    for (name, a), b in zip(trainable(one).items(), trainable(two).values()):
+        assert_close_rel(b - start[name], a - start[name], rtol=1e-4)
+
+
+@pytest.mark.parametrize("make, kwargs, message", [
+    (classifier, dict(pad_token_id=5), "pad_token_id=5, but the classifier reads .* config.pad_token_id=0"),
+    (lambda: get_peft_model(classifier(), PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS")), {},
+     "batch_size=4: behind a soft prompt"),
+    (classifier, dict(eval_data=examples(2)), "eval_data are token-label examples, train_data classification ones"),
+    (classifier, dict(train_data=class_examples(2) + examples(1)), r"train_data\[2\]\['labels'\] must be a class id"),
+    (classifier, dict(train_data=[{"input_ids": [1], "labels": -1}]),
+     r"train_data\[0\]\['labels'\] must be a class id >= 0"),
+])
+def test_classification_data_the_classifier_would_misread_is_refused(make, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(make(), config(max_steps=1), **{"train_data": class_examples(2), **kwargs})
