@@ -3,7 +3,7 @@ that do not depend on training long: base weights untouched, adapters that reloa
 mixed-batch outputs equal to the plain ones."""
 import pytest
 
-from examples import causal_lm, digits, multi_task, seq2seq
+from examples import causal_lm, digits, multi_task, sentiment, seq2seq
 
 
 
@@ -34,3 +34,9 @@ def test_seq2seq(tmp_path):
 def test_multi_task(tmp_path):
     result = smoke(multi_task, tmp_path, "multi_task_loss.png")
     assert result["base_unchanged"] and result["mixed_diff"] < 1e-5 and len(result["mixed"]) == 3
+
+
+def test_sentiment(tmp_path):
+    result = smoke(sentiment, tmp_path, "sentiment_loss.png")
+    assert result["reload_equal"] and 0 <= result["accuracy_after"] <= 1
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
