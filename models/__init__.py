@@ -16,12 +16,14 @@ has a default; an arbitrary torch module works without them):
 
 models itself uses nothing of lowrank but its leaf modules lowrank.errors, lowrank.checks and lowrank.files.
 """
+from .bloom import BloomConfig, BloomForCausalLM, BloomForSequenceClassification
 from .cache import ConcatCache, KVCache
 from .config import ModelConfig
 from .generate import generate, sample_next
 from .gpt2 import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 from .gpt_neo import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoForSequenceClassification
 from .inputs import check_inputs
+from .llama import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from .loading import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, from_pretrained, read_config, save_pretrained,
                       shard_keys)
 from .outputs import ModelOutput
@@ -29,8 +31,10 @@ from .t5 import T5Config, T5ForConditionalGeneration
 from .tokenizer import load_tokenizer, word_tokenizer
 
 __all__ = [
+    "BloomConfig", "BloomForCausalLM", "BloomForSequenceClassification",
     "CONFIG_NAME", "ConcatCache", "INDEX_NAME", "GPT2Config", "GPT2ForSequenceClassification", "GPT2LMHeadModel", "KVCache", "ModelConfig", "ModelOutput",
     "GPTNeoConfig", "GPTNeoForCausalLM", "GPTNeoForSequenceClassification",
+    "LlamaConfig", "LlamaForCausalLM", "MistralConfig", "MistralForCausalLM", "Qwen2Config", "Qwen2ForCausalLM",
     "T5Config", "T5ForConditionalGeneration", "WEIGHTS_NAME", "check_inputs", "from_pretrained", "generate", "load_tokenizer",
     "read_config", "sample_next", "save_pretrained", "shard_keys", "word_tokenizer",
 ]

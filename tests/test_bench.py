@@ -49,7 +49,7 @@ def test_against_transformers_and_peft_quick(tmp_path, bench):
     assert rows == rows_of(tmp_path / "out.json")
 
 
-@pytest.mark.parametrize("model", ["gpt_neo"])
+@pytest.mark.parametrize("model", ["gpt_neo", "bloom", "llama"])
 def test_other_decoders_against_transformers_and_peft_quick(tmp_path, model):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")

@@ -3,7 +3,7 @@ that do not depend on training long: base weights untouched, adapters that reloa
 mixed-batch outputs equal to the plain ones."""
 import pytest
 
-from examples import causal_lm, digits, multi_task, sentiment, seq2seq
+from examples import causal_lm, complaints, digits, instruct, multi_task, sentiment, seq2seq
 
 
 
@@ -39,4 +39,16 @@ def test_multi_task(tmp_path):
 def test_sentiment(tmp_path):
     result = smoke(sentiment, tmp_path, "sentiment_loss.png")
     assert result["reload_equal"] and 0 <= result["accuracy_after"] <= 1
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_complaints(tmp_path):
+    result = smoke(complaints, tmp_path, "complaints_loss.png")
+    assert result["reload_equal"] and 0 <= result["accuracy_init"] <= 1
+    assert (tmp_path / "prompt" / "adapter_model.safetensors").is_file()
+
+
+def test_instruct(tmp_path):
+    result = smoke(instruct, tmp_path, "instruct_loss.png")
+    assert result["reload_equal"] and result["merge_diff"] < 1e-4
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -25,6 +25,7 @@ CONFIGS = {
     "gpt_neo": lambda: transformers.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, vocab_size=VOCAB,
                                                  attention_types=[[["global", "local"], 1]], window_size=4,
                                                  max_position_embeddings=64),
+    "bloom": lambda: transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB),
 }
 RTOL = 1e-4
 
