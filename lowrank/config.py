@@ -88,8 +88,9 @@ class PeftConfig:
         return replace(self, modules_to_save=list(dict.fromkeys([*(self.modules_to_save or []), *CLASSIFIER_HEADS])))
 
     def is_module_to_save(self, name: str) -> bool:
-        """True for a module that gets a trainable copy (PEFT's suffix rule, on whole name parts)."""
-        return bool(self.modules_to_save) and _name_matches(self.modules_to_save, name)
+        """True for a module that gets a trainable copy: PEFT's rule, a plain suffix of the name (so "norm"
+        takes `input_layernorm` too, as peft's _set_trainable does)."""
+        return bool(self.modules_to_save) and any(name.endswith(m) for m in self.modules_to_save)
 
     def to_dict(self) -> dict:
         """JSON-ready adapter_config.json content: every field, plus peft_type."""

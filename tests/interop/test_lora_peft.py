@@ -1,4 +1,4 @@
-"""Interop with peft 0.21 on transformers' tiny random GPT-2 and T5: an adapter peft saves loads here with
+"""Interop with peft 0.21 on transformers' tiny random GPT-2, T5, GPT-Neo, BLOOM, Llama, Qwen2 and Mistral: an adapter peft saves loads here with
 the same logits, one saved here loads in peft with the same logits, adapter_config.json survives both
 ways, and the trainable-parameter counts agree (docs/formats.md C).
 
@@ -34,15 +34,42 @@ CASES = {
     "t5-regex-final-norms": ("t5", dict(r=4, target_modules=r".*decoder.*(SelfAttention|EncDecAttention)\.(q|v)",
                                         modules_to_save=["final_layer_norm"])),
 }
-TASK = {"gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CASES.update({
+    "gpt_neo-default-targets": ("gpt_neo", dict(r=4)),
+    "gpt_neo-mlp-ln_f": ("gpt_neo", dict(r=2, target_modules=["q_proj", "out_proj", "c_fc", "c_proj"],
+                                         modules_to_save=["ln_f"])),
+    "bloom-default-targets": ("bloom", dict(r=4)),
+    "bloom-mlp-bias": ("bloom", dict(r=3, target_modules=["query_key_value", "dense_h_to_4h", "dense_4h_to_h"],
+                                     bias="lora_only")),
+    "llama-gqa-all-seven": ("llama", dict(r=4, lora_alpha=8, target_modules=SEVEN)),
+    "qwen2-bias-all-linear": ("qwen2", dict(r=2, target_modules="all-linear", rank_pattern={"down_proj": 3})),
+    "mistral-window-seven-norm": ("mistral", dict(r=4, target_modules=SEVEN, modules_to_save=["norm"])),
+})
+TASK = {"gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}  # the rest: CAUSAL_LM
+DECODERS = {  # transformers config kwargs of tiny random decoders (no dropout: logits are compared)
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64),
+    "gpt_neo": dict(hidden_size=32, num_layers=2, num_heads=4, vocab_size=64, max_position_embeddings=64,
+                    attention_types=[[["global", "local"], 1]], window_size=4),
+    "bloom": dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=64),
+    "llama": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False),
+    "qwen2": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64),
+    "mistral": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=1, vocab_size=64, sliding_window=4),
+}
+
+
+def auto_class(kind):
+    return transformers.AutoModelForSeq2SeqLM if kind == "t5" else transformers.AutoModelForCausalLM
 
 
 def hf_model(kind):
     torch.manual_seed(0)
-    if kind == "gpt2":
-        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64,
-                                         bos_token_id=0, eos_token_id=0)
-        return transformers.GPT2LMHeadModel(config).eval()
+    if kind != "t5":
+        config = transformers.AutoConfig.for_model(kind, **DECODERS[kind], bos_token_id=0, eos_token_id=0)
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
     config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                    decoder_start_token_id=0)
     return transformers.T5ForConditionalGeneration(config).eval()
@@ -50,7 +77,7 @@ def hf_model(kind):
 
 def inputs(kind):
     ids = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(3))
-    return dict(input_ids=ids) if kind == "gpt2" else dict(input_ids=ids, decoder_input_ids=ids[:, :6])
+    return dict(input_ids=ids) if kind != "t5" else dict(input_ids=ids, decoder_input_ids=ids[:, :6])
 
 
 @torch.no_grad()
@@ -66,12 +93,12 @@ def case(request, tmp_path):
     """(kind, LoraConfig kwargs, folder with transformers' base checkpoint)."""
     kind, kwargs = CASES[request.param]
     hf_model(kind).save_pretrained(tmp_path / "base")
-    return kind, dict(kwargs, task_type=TASK[kind], init_lora_weights=False), tmp_path
+    return kind, dict(kwargs, task_type=TASK.get(kind, "CAUSAL_LM"), init_lora_weights=False), tmp_path
 
 
 def test_peft_adapter_loads_here_with_the_same_logits(case):
     kind, kwargs, tmp = case
-    hf = transformers.AutoModelForCausalLM if kind == "gpt2" else transformers.AutoModelForSeq2SeqLM
+    hf = auto_class(kind)
     theirs = peft.get_peft_model(hf.from_pretrained(tmp / "base").eval(), peft.LoraConfig(**kwargs))
     perturb_non_lora(theirs)
     theirs.save_pretrained(tmp / "adapter")
@@ -94,7 +121,7 @@ def test_adapter_saved_here_loads_in_peft_with_the_same_logits(case):
     ours = lowrank.get_peft_model(models.from_pretrained(tmp / "base"), lowrank.LoraConfig(**kwargs))
     perturb_non_lora(ours)
     ours.save_pretrained(tmp / "adapter")
-    hf = transformers.AutoModelForCausalLM if kind == "gpt2" else transformers.AutoModelForSeq2SeqLM
+    hf = auto_class(kind)
     theirs = peft.PeftModel.from_pretrained(hf.from_pretrained(tmp / "base").eval(), tmp / "adapter")
     with torch.no_grad():
         assert_close_rel(theirs(**inputs(kind)).logits, ours(**inputs(kind)).logits, rtol=1e-4)
@@ -108,7 +135,7 @@ def test_adapter_saved_here_loads_in_peft_with_the_same_logits(case):
 
 def test_trainable_parameter_counts_match_peft(case):
     kind, kwargs, tmp = case
-    hf = transformers.AutoModelForCausalLM if kind == "gpt2" else transformers.AutoModelForSeq2SeqLM
+    hf = auto_class(kind)
     theirs = peft.get_peft_model(hf.from_pretrained(tmp / "base"), peft.LoraConfig(**kwargs))
     ours = lowrank.get_peft_model(models.from_pretrained(tmp / "base"), lowrank.LoraConfig(**kwargs))
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
@@ -123,7 +150,7 @@ def test_loss_and_adapter_gradients_under_cpu_bf16_autocast_are_as_close_to_fp32
     kind, kwargs = CASES[name]
     hf_model(kind).save_pretrained(tmp_path / "base")
     theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval(),
-                                 peft.LoraConfig(**kwargs, task_type=TASK[kind], init_lora_weights=False))
+                                 peft.LoraConfig(**kwargs, task_type=TASK.get(kind, "CAUSAL_LM"), init_lora_weights=False))
     theirs.save_pretrained(tmp_path / "adapter")
     ours = lowrank.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "adapter",
                                              is_trainable=True).eval()

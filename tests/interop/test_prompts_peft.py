@@ -1,5 +1,5 @@
 """Interop with peft 0.21 for soft prompts (docs/formats.md D, E, F) on transformers' tiny random GPT-2 and T5: a
-prompt peft saves loads here with the same logits and loss, one saved here loads in peft with the same
+prompt peft saves loads here (and on GPT-Neo, BLOOM and Llama with grouped-query attention) with the same logits and loss, one saved here loads in peft with the same
 logits, greedy generation gives the same tokens, adapter_config.json reads back field for field, and the
 trainable-parameter counts agree.
 
@@ -16,7 +16,7 @@ import lowrank
 from lowrank import models
 
 from ..helpers import assert_close_rel
-from .test_lora_peft import TASK, hf_model
+from .test_lora_peft import TASK, auto_class, hf_model
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -31,14 +31,14 @@ METHODS = {
     "p-tuning-mlp": ("PromptEncoderConfig", dict(encoder_hidden_size=24)),
     "p-tuning-lstm": ("PromptEncoderConfig", dict(encoder_reparameterization_type="LSTM", encoder_hidden_size=12)),
 }
-CASES = [(kind, method) for kind in ("gpt2", "t5") for method in METHODS]
-AUTO = {"gpt2": "AutoModelForCausalLM", "t5": "AutoModelForSeq2SeqLM"}
+KINDS = ("gpt2", "t5", "gpt_neo", "bloom", "llama")  # llama: grouped-query attention (prefixes of K/V heads)
+CASES = [(kind, method) for kind in KINDS for method in METHODS]
 
 
 def configs(kind, method):
     """(peft config, our config) with the same fields."""
     cls, kwargs = METHODS[method]
-    kwargs = dict(kwargs, task_type=TASK[kind], num_virtual_tokens=N)
+    kwargs = dict(kwargs, task_type=TASK.get(kind, "CAUSAL_LM"), num_virtual_tokens=N)
     return getattr(peft, cls)(**kwargs), getattr(lowrank, cls)(**kwargs)
 
 
@@ -48,8 +48,12 @@ def inputs(kind):
     ids = torch.randint(2, 64, (2, 9), generator=g)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    if kind == "gpt2":
-        return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    if kind != "t5":
+        # The first real token of the padded row is predicted from a padding query's logits (its label
+        # follows one): ignored too, as those logits differ by design.
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[1, 3] = -100
+        return dict(input_ids=ids, attention_mask=mask, labels=labels)
     dec = torch.randint(2, 64, (2, 6), generator=g)
     dec_mask = torch.ones_like(dec)
     dec_mask[1, 4:] = 0
@@ -59,8 +63,8 @@ def inputs(kind):
 
 def real(logits, kind, method, batch):
     """The logits (rows, V) at real tokens: GPT-2 prompts add N virtual positions in front, always real."""
-    mask = batch["attention_mask"] if kind == "gpt2" else batch["decoder_attention_mask"]
-    if kind == "gpt2" and not method.startswith("prefix"):
+    mask = batch["attention_mask"] if kind != "t5" else batch["decoder_attention_mask"]
+    if kind != "t5" and not method.startswith("prefix"):
         mask = torch.cat([torch.ones(mask.shape[0], N, dtype=mask.dtype), mask], dim=1)
     return logits[mask.bool()]
 
@@ -86,14 +90,14 @@ def randomise(model):
 def bases(tmp_path_factory):
     """{kind: folder with transformers' tiny random checkpoint}."""
     out = {}
-    for kind in ("gpt2", "t5"):
+    for kind in KINDS:
         out[kind] = tmp_path_factory.mktemp(kind)
         hf_model(kind).save_pretrained(out[kind])
     return out
 
 
 def theirs_model(kind, base):
-    return getattr(transformers, AUTO[kind]).from_pretrained(base).eval()
+    return auto_class(kind).from_pretrained(base).eval()
 
 
 @pytest.mark.parametrize("kind,method", CASES)
@@ -129,10 +133,10 @@ def greedy_over_forward(model, kind, ids, mask, steps, eos, pad):
     `generate`): (B, T) -> (B, T + n) for GPT-2, (B, 1 + n) decoder tokens for T5. Left-padded GPT-2 rows
     number their real tokens from 0, as transformers' generation does; a row that emitted eos gets pad."""
     rows = torch.arange(ids.shape[0])
-    out = ids if kind == "gpt2" else torch.full((ids.shape[0], 1), model.config.decoder_start_token_id)
+    out = ids if kind != "t5" else torch.full((ids.shape[0], 1), model.config.decoder_start_token_id)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool)
     for _ in range(steps):
-        if kind == "gpt2":
+        if kind != "t5":
             full_mask = torch.cat([mask, torch.ones(len(rows), out.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
             positions = None if bool(full_mask.all()) else (full_mask.cumsum(1) - 1).clamp(min=0)
             logits = model(input_ids=out, attention_mask=full_mask, position_ids=positions).logits
@@ -159,7 +163,7 @@ def test_greedy_generate_equals_a_greedy_loop_over_peft_forward(bases, tmp_path,
     ours = lowrank.PeftModel.from_pretrained(models.from_pretrained(bases[kind]), tmp_path)
     batch = inputs(kind)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    if kind == "gpt2" and method != "prefix":
+    if kind != "t5" and method != "prefix":
         mask = torch.ones_like(mask)
     config = theirs.get_base_model().config
     eos, pad = config.eos_token_id, config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
