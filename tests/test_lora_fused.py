@@ -8,7 +8,7 @@ import contextlib
 import pytest
 import torch
 
-from lowrank import LoraConfig, get_peft_model, kernels
+from lowrank import LoraConfig, get_peft_model, kernels, models
 from lowrank.lora import LoraLayer
 
 from .helpers import tiny_gpt2, tiny_t5
@@ -25,10 +25,25 @@ CONFIGS = {
 }
 
 
+def tiny_llama():
+    torch.manual_seed(0)
+    return models.LlamaForCausalLM(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                                      num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2))
+
+
+MODELS = {  # kind: (tiny model, LoRA targets): Llama's are all seven linears, gate/up/down the widest GEMMs
+    "gpt2": (tiny_gpt2, ["c_attn", "c_fc"]),
+    "t5": (tiny_t5, ["q", "v", "wi"]),
+    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+}
+
+
 def build(kind, model_dtype=torch.float32, dropout=0.0, adapters=1, **_):
-    model = (tiny_gpt2() if kind == "gpt2" else tiny_t5()).to(model_dtype)
+    make, targets = MODELS[kind]
+    model = make().to(model_dtype)
     config = lambda: LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
-                                target_modules=["c_attn", "c_fc"] if kind == "gpt2" else ["q", "v", "wi"])
+                                target_modules=targets)
     peft = get_peft_model(model, config())
     names = ["default"] + [f"extra{i}" for i in range(1, adapters)]
     for name in names[1:]:
@@ -39,12 +54,12 @@ def build(kind, model_dtype=torch.float32, dropout=0.0, adapters=1, **_):
 
 def batch(kind):
     ids = torch.randint(2, 64, (2, 7), generator=torch.Generator().manual_seed(0))
-    return dict(input_ids=ids, labels=ids) if kind == "gpt2" else dict(input_ids=ids, labels=ids[:, :5])
+    return dict(input_ids=ids, labels=ids) if kind != "t5" else dict(input_ids=ids, labels=ids[:, :5])
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
 @pytest.mark.parametrize("setting", list(CONFIGS))
-@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+@pytest.mark.parametrize("kind", list(MODELS))
 def test_every_lora_layer_forward_is_one_fused_call(kind, setting, backend_name, monkeypatch):
     options = CONFIGS[setting]
     peft = build(kind, **options)
