@@ -1,4 +1,5 @@
-"""GPT-2 and T5 as plain torch modules with Hugging Face names; safetensors in and out; generation.
+"""GPT-2, GPT-Neo, BLOOM, Llama/Qwen2/Mistral and T5 as plain torch modules with Hugging Face names (causal
+LM and sequence classification heads on the decoders); safetensors in and out; generation.
 
 The contract with lowrank (docs/architecture.md, "The contract between lowrank and models"): lowrank uses
 models only through the names exported here, and through these hooks on a model (optional where lowrank
