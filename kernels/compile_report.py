@@ -1,14 +1,16 @@
 """What a GPU would run, built without one: every Triton binary the launchers can ask for, compiled for
 Ampere (sm_80) and Hopper (sm_90) on this machine.
 
-    python -m lowrank.kernels.compile_report [--targets 80,90] [--sites ...] [--dtypes ...] [--first-config]
+    python -m lowrank.kernels.compile_report [--targets 80,90] [--sites ...] [--dtypes ...] [--shapes ...] [--first-config]
                                              [--jobs N] [--no-fail]
 
 The launches come from the real launchers (lora_fwd, shrink, dropped_t_matmul, lora_batched_fwd) called on
-meta tensors of the shapes below, once per target under tile_configs.assume_target, while triton's launch
+meta tensors of the shapes below (three weight shapes: SHAPES), once per target under tile_configs.assume_target, while triton's launch
 methods are recorded instead of run; each recorded launch is then compiled as triton's runtime would
 compile it (its binder's argument specialization, `_pack_args`, `triton.compile` for the target), once per
-autotune config the launcher's autotuner can try there (its own pruning, tile_configs.prune).
+autotune config the launcher's autotuner can try there (its own pruning, tile_configs.prune). Launches
+whose compile inputs are equal (integer arguments count by their specialisation only) share one binary,
+compiled once; each keeps its own grid.
 
 One line per binary: call site, kernel, dtype, config, grid (and programs per SM: 132 SMs on H100/H200,
 108 on A100), registers, spill bytes, shared memory, resident CTAs per SM and waves of them, and the
@@ -25,7 +27,7 @@ import os
 import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -60,7 +62,9 @@ DTYPES = [("fp32", torch.float32, torch.float32, False), ("tf32", torch.float32,
           ("fp16", torch.float16, torch.float16, False), ("bf16", torch.bfloat16, torch.bfloat16, False),
           ("bf16+fp32-lora", torch.bfloat16, torch.float32, False),
           ("fp16+fp32-lora", torch.float16, torch.float32, False)]
-K = N = 4096
+# (K, N) of the weights: a 4096 x 4096 projection (Llama-3-8B / Mistral-7B q and o), and their MLP's
+# gate/up (4096 -> 14336) and down (14336 -> 4096). Sites of the square shape carry no suffix.
+SHAPES = {"square": (4096, 4096), "gate_up": (4096, 14336), "down": (14336, 4096)}
 R = 16
 PREFILL_M, DECODE_M, ADAPTERS = 8192, 8, 4
 
@@ -102,19 +106,22 @@ def _meta(*shape, dtype):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def record_launches(targets=(80, 90), sites=None, dtypes=None) -> list:
-    """Launches of every call site for every dtype and target (sites and dtypes filtered by name when given)."""
+def record_launches(targets=(80, 90), sites=None, dtypes=None, shapes=None) -> list:
+    """Launches of every call site for every dtype, weight shape and target (sites, dtypes and shapes filtered by
+    name when given)."""
     if not isinstance(tiles.k_loop, JITFunction):
         raise RuntimeError("triton was imported with TRITON_INTERPRET=1: the interpreter builds no binaries; "
                            "run the report in a process without it")
     launches = []
     for target in targets:
         with tile_configs.assume_target(tile_configs.Target(target, DEVICES[target].sms)):
-            _record_target(launches, target, sites, dtypes)
+            for shape, (K, N) in SHAPES.items():
+                if not shapes or shape in shapes:
+                    _record_target(launches, target, sites, dtypes, K, N, "" if shape == "square" else f"@{shape}")
     return launches
 
 
-def _record_target(launches: list, target: int, sites, dtypes) -> None:
+def _record_target(launches: list, target: int, sites, dtypes, K: int, N: int, suffix: str) -> None:
     for name, dtype, lora_dtype, tf32 in DTYPES:
         if dtypes and name not in dtypes:
             continue
@@ -140,7 +147,7 @@ def _record_target(launches: list, target: int, sites, dtypes) -> None:
             for site, call in calls.items():
                 if sites and not any(site.startswith(s) for s in sites):
                     continue
-                with recording(launches, site, name, target):
+                with recording(launches, site + suffix, name, target):
                     call()
     torch.backends.cuda.matmul.allow_tf32 = False
 
@@ -182,7 +189,7 @@ class Binary:
         return out
 
     def line(self) -> str:
-        head = f"sm_{self.target} {self.site:<20} {self.dtype:<15} {self.kernel:<32} {self.config:<26}"
+        head = f"sm_{self.target} {self.site:<28} {self.dtype:<15} {self.kernel:<32} {self.config:<26}"
         if self.error:
             return f"{head} ERROR {self.error}"
         flags = "; ".join(self.problems())
@@ -217,17 +224,33 @@ def _ctas_per_sm(device: Device, regs: int, warps: int, shared: int) -> int:
     return min(by_regs, by_threads, by_shared, device.ctas_per_sm)
 
 
+def _packed(launch: Launch, config) -> tuple:
+    """(bound arguments, what triton.compile takes: signature, constexprs, attrs, options) of one launch
+    with one config for its target, as triton's runtime binds them."""
+    fn = launch.kernel
+    kwargs = dict(launch.kwargs, **(config.all_kwargs() if config is not None else {}))
+    backend = make_backend(GPUTarget("cuda", launch.target, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return bound, signature, constexprs, attrs, options
+
+
+def compile_key(launch: Launch, config) -> tuple:
+    """What the binary depends on: the kernel, target and what triton.compile is given (integer arguments
+    only by their specialisation, so shapes that specialise alike share one binary)."""
+    _, signature, constexprs, attrs, options = _packed(launch, config)
+    return (launch.kernel.__name__, launch.target, repr(signature), repr(sorted(constexprs.items(), key=repr)),
+            repr(attrs), repr(sorted(options.__dict__.items())))
+
+
 def compile_binary(launch: Launch, config) -> Binary:
     """Compile one launch with one config for its target, as triton's runtime would."""
     fn, target = launch.kernel, launch.target
     binary = Binary(launch.site, launch.dtype, fn.__name__, _config_name(config), target)
-    kwargs = dict(launch.kwargs, **(config.all_kwargs() if config is not None else {}))
     try:
         gpu = GPUTarget("cuda", target, 32)
-        backend = make_backend(gpu)
-        binder = create_function_from_signature(fn.signature, fn.params, backend)
-        bound, specialization, options = binder(*launch.args, **kwargs)
-        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        bound, signature, constexprs, attrs, options = _packed(launch, config)
         log = io.StringIO()
         with contextlib.redirect_stdout(log), knobs.nvidia.scope(), knobs.compilation.scope():
             knobs.nvidia.dump_ptxas_log = True  # triton prints its own `ptxas -v` log: the flags it builds with
@@ -238,8 +261,7 @@ def compile_binary(launch: Launch, config) -> Binary:
     except Exception as e:  # a binary that does not build is the finding
         binary.error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         return binary
-    grid = launch.grid(bound) if callable(launch.grid) else launch.grid
-    binary.grid = int(torch.Size(grid).numel())
+    binary.grid = launch_grid(launch, bound)
     binary.shared = compiled.metadata.shared
     binary.ctas_per_sm = _ctas_per_sm(DEVICES[target], binary.regs, compiled.metadata.num_warps, binary.shared)
     ptx = compiled.asm["ptx"]
@@ -247,7 +269,20 @@ def compile_binary(launch: Launch, config) -> Binary:
     return binary
 
 
-_JOBS: list = []  # (launch, config), filled before the worker processes fork
+def launch_grid(launch: Launch, bound) -> int:
+    grid = launch.grid(bound) if callable(launch.grid) else launch.grid
+    return int(torch.Size(grid).numel())
+
+
+def for_launch(binary: Binary, launch: Launch, config) -> Binary:
+    """`binary` (compiled for another launch with the same compile_key) as this launch's: its site, dtype and
+    grid."""
+    if binary.error:
+        return replace(binary, site=launch.site, dtype=launch.dtype)
+    return replace(binary, site=launch.site, dtype=launch.dtype, grid=launch_grid(launch, _packed(launch, config)[0]))
+
+
+_JOBS: list = []  # (launch, config) of each distinct binary, filled before the worker processes fork
 
 
 def _compile_job(i: int) -> Binary:
@@ -259,22 +294,35 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated (default 80,90)")
     parser.add_argument("--sites", help="call-site prefixes, comma-separated (fwd, dx, da, batched; default all)")
     parser.add_argument("--dtypes", help=f"comma-separated among {', '.join(d[0] for d in DTYPES)} (default all)")
+    parser.add_argument("--shapes", help=f"weight shapes, comma-separated among {', '.join(SHAPES)} (default all)")
     parser.add_argument("--first-config", action="store_true", help="only the first config of each autotuner")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPUs)")
     parser.add_argument("--no-fail", action="store_true", help="exit 0 whatever the binaries show")
     args = parser.parse_args(argv)
     split = lambda text: text.split(",") if text else None
-    launches = record_launches([int(t) for t in split(args.targets)], split(args.sites), split(args.dtypes))
-    _JOBS[:] = [(launch, config) for launch in launches
-                for config in (launch.configs[:1] if args.first_config else launch.configs)]
-    print(f"triton {triton.__version__}, torch {torch.__version__}: {len(launches)} launches, {len(_JOBS)} binaries")
-    binaries = []
+    launches = record_launches([int(t) for t in split(args.targets)], split(args.sites), split(args.dtypes),
+                               split(args.shapes))
+    wanted = [(launch, config) for launch in launches
+              for config in (launch.configs[:1] if args.first_config else launch.configs)]
+    keys = [compile_key(launch, config) for launch, config in wanted]
+    first, jobs = {}, []  # compile key -> index into jobs, the first launch config of each key
+    for job, key in zip(wanted, keys):
+        if key not in first:
+            first[key] = len(jobs)
+            jobs.append(job)
+    _JOBS[:] = jobs
+    print(f"triton {triton.__version__}, torch {torch.__version__}: {len(launches)} launches, {len(wanted)} "
+          f"launch configs, {len(_JOBS)} distinct binaries")
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for binary in pool.map(_compile_job, range(len(_JOBS))):
-            print(binary.line(), flush=True)
-            binaries.append(binary)
+        compiled = list(pool.map(_compile_job, range(len(_JOBS))))
+    binaries = []
+    for (launch, config), key in zip(wanted, keys):
+        binary = for_launch(compiled[first[key]], launch, config)
+        print(binary.line(), flush=True)
+        binaries.append(binary)
     bad = [b for b in binaries if b.problems()]
-    print(f"{len(binaries)} binaries, {len(binaries) - len(bad)} clean, {len(bad)} with problems")
+    print(f"{len(binaries)} launch configs ({len(_JOBS)} distinct binaries), {len(binaries) - len(bad)} clean, "
+          f"{len(bad)} with problems")
     return 0 if args.no_fail or not bad else 1
 
 

@@ -36,6 +36,8 @@ def test_launches_are_recorded_from_every_launcher_site_and_dtype():
     sites = {s for s, _, _, _ in seen}
     assert {f"{s}-{p}" for s in ("fwd", "dx", "batched") for p in ("prefill", "decode")} <= sites
     assert {"da-prefill-dropout", "fwd-prefill-dropout", "dx-decode-dropout"} <= sites
+    for shape in ("gate_up", "down"):  # Llama's MLP shapes (K, N) = (4096, 14336) and (14336, 4096), every site
+        assert {f"{site}@{shape}" for site in sites if "@" not in site} <= sites
     assert {d for _, d, _, _ in seen} == {"fp32", "tf32", "fp16", "bf16", "bf16+fp32-lora", "fp16+fp32-lora"}
     # The autotuned kernels bring the configs the autotuner may try after its pruning: tile_configs' list.
     configs = {(s, d, k): n for s, d, k, n in seen}
@@ -95,3 +97,19 @@ def test_a_binary_with_spills_or_too_much_shared_memory_is_a_problem():
     too_big = Binary(**{**clean.__dict__, "target": 80, "shared": 200 * 1024})
     assert "2076 spill bytes" in spilled.problems()[0] and "cannot launch" in too_big.problems()[0]
     assert Binary(**{**clean.__dict__, "error": "CompilationError: x"}).problems() == ["compile error: CompilationError: x"]
+
+
+def test_llama_shapes_share_binaries_but_keep_their_own_grids():
+    """gate/up and down specialise like the square shape (every size a multiple of 16): one binary each,
+    but gate/up's N = 14336 gives 3.5x the output tiles of the prefill grid."""
+    result = run_python(
+        "import sys\n"
+        "from lowrank.kernels.compile_report import main\n"
+        "sys.exit(main(['--targets', '90', '--dtypes', 'bf16', '--sites', 'fwd-prefill', '--first-config', '--jobs', '1']))\n",
+        timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "12 launch configs (4 distinct binaries)" in result.stdout
+    grids = {tuple(line.split()[1:4:2]): int(re.search(r"grid +(\d+)", line).group(1))
+             for line in result.stdout.splitlines() if line.startswith("sm_")}
+    assert grids["fwd-prefill@gate_up", "_lora_fwd_kernel"] == 3.5 * grids["fwd-prefill", "_lora_fwd_kernel"]
+    assert grids["fwd-prefill@down", "_lora_fwd_kernel"] == grids["fwd-prefill", "_lora_fwd_kernel"]
