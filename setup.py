@@ -7,10 +7,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The repository keeps kernels/ and models/ at the top (docs/architecture.md); installed, they are lowrank.kernels
-    # and lowrank.models, because `kernels` and `models` are other distributions' import names.
+    # kernels and models live inside lowrank/: `kernels` and `models` are other distributions' import names
+    # (transformers imports the `kernels` distribution), so no top-level folder of the checkout may carry them.
     packages=["lowrank", "lowrank.kernels", "lowrank.models"],
-    package_dir={"lowrank": "lowrank", "lowrank.kernels": "kernels", "lowrank.models": "models"},
     install_requires=[
         "numpy>=1.24",
         "torch>=2.13",

@@ -10,7 +10,7 @@ from lowrank import models
 
 ROOT = Path(__file__).resolve().parents[1]
 LEAVES = {"errors", "checks", "files"}
-SUBMODULES = {p.stem for p in (ROOT / "models").glob("*.py")} - {"__init__"}
+SUBMODULES = {p.stem for p in (ROOT / "lowrank" / "models").glob("*.py")} - {"__init__"}
 
 
 def _imports(file: Path):
@@ -33,7 +33,7 @@ def test_lowrank_uses_models_through_its_exported_names_only(file):
         assert f"models.{sub}." not in text, f"{file.name} reaches into models.{sub}"
 
 
-@pytest.mark.parametrize("file", sorted((ROOT / "models").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("file", sorted((ROOT / "lowrank" / "models").glob("*.py")), ids=lambda p: p.name)
 def test_models_take_only_the_leaf_modules_of_lowrank(file):
     for module, _ in _imports(file):
         if module.startswith("..") or module.startswith("lowrank"):
@@ -46,7 +46,7 @@ def test_the_leaf_modules_import_no_other_part_of_lowrank(file):
         assert not module.startswith(".") or module.lstrip(".") in LEAVES, f"{file.name} imports {module}"
 
 
-@pytest.mark.parametrize("file", sorted((ROOT / "kernels").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("file", sorted((ROOT / "lowrank" / "kernels").glob("*.py")), ids=lambda p: p.name)
 def test_kernels_import_neither_lowrank_nor_models(file):
     for module, _ in _imports(file):
         assert not module.startswith(("..", "lowrank", "models")), f"{file.name} imports {module}"

@@ -64,14 +64,14 @@ def reference_inverse_frequencies(params, dim, max_positions, seq_len):
     return freq
 
 
+thetas, factors = st.floats(10.0, 1e6), st.floats(1.0, 8.0)
 rope_parameters = st.one_of(
-    st.builds(lambda t: dict(rope_type="default", rope_theta=t), st.floats(10.0, 1e6)),
-    st.builds(lambda t, f: dict(rope_type="linear", rope_theta=t, factor=f), st.floats(10.0, 1e6), st.floats(1.0, 8.0)),
-    st.builds(lambda t, f: dict(rope_type="dynamic", rope_theta=t, factor=f), st.floats(10.0, 1e6), st.floats(1.0, 8.0)),
+    st.builds(lambda t: dict(rope_type="default", rope_theta=t), thetas),
+    st.builds(lambda t, f: dict(rope_type="linear", rope_theta=t, factor=f), thetas, factors),
+    st.builds(lambda t, f: dict(rope_type="dynamic", rope_theta=t, factor=f), thetas, factors),
     st.builds(lambda t, f, low, gap, c: dict(rope_type="llama3", rope_theta=t, factor=f, low_freq_factor=low,
                                              high_freq_factor=low + gap, original_max_position_embeddings=c),
-              st.floats(10.0, 1e6), st.floats(1.0, 8.0), st.floats(0.5, 2.0), st.floats(0.5, 4.0),
-              st.integers(8, 512)),
+              thetas, factors, st.floats(0.5, 2.0), st.floats(0.5, 4.0), st.integers(8, 512)),
 )
 
 
@@ -197,7 +197,8 @@ def test_configs_round_trip_and_read_the_older_rope_keys():
     for config_class, _, family in FAMILIES.values():
         config = config_class(**{**TINY, **family})
         assert config_class.from_dict(config.to_dict()) == config
-    old = models.LlamaConfig.from_dict({**TINY, "rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 4.0}})
+    legacy = {"rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 4.0}}  # transformers 4's keys
+    old = models.LlamaConfig.from_dict({**TINY, **legacy})
     assert old.rope_parameters == {"type": "linear", "factor": 4.0, "rope_theta": 500000.0, "rope_type": "linear"}
     assert "rope_scaling" not in old.to_dict() and "rope_theta" not in old.to_dict()
     assert models.LlamaConfig(**TINY).rope_parameters == {"rope_theta": 10000.0, "rope_type": "default"}

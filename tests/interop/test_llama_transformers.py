@@ -163,6 +163,7 @@ def test_dynamic_rope_kv_cache_generation_equals_transformers_cached_loop(tmp_pa
     ids, mask = left_padded([12, 9], torch.Generator().manual_seed(2))
     expected = transformers_cached_greedy(hf, ids, mask, 14)
     assert torch.equal(ours.generate(ids, mask, max_new_tokens=14), expected)
+    assert not torch.equal(transformers_greedy(hf, ids, mask, 14), expected)  # the difference the cache makes
 
 
 def test_explicit_head_dim_unequal_to_hidden_over_heads(tmp_path):
