@@ -48,3 +48,8 @@ def train_steps(model, steps: int, lr: float, **batch) -> None:
         model(**batch).loss.backward()
         optimizer.step()
     model.eval()
+
+
+def returned_cache(output):
+    """A transformers output's KV cache: `cache` from 5.24, `past_key_values` before."""
+    return output.cache if hasattr(output, "cache") else output.past_key_values

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from lowrank import models
 
-from ..helpers import assert_close_rel
+from ..helpers import assert_close_rel, returned_cache
 
 transformers = pytest.importorskip("transformers")
 
@@ -104,7 +104,7 @@ def test_cached_keys_and_values_are_transformers_and_a_prefix_in_them_means_the_
     hf, ours = pair
     ids = torch.randint(0, VOCAB, (2, 6))
     with torch.no_grad():
-        held = hf(ids, use_cache=True).cache.layers
+        held = returned_cache(hf(ids, use_cache=True)).layers
         for layer, (k, v) in zip(held, ours(ids, use_cache=True).past_key_values):
             assert_close_rel(k, layer.keys, rtol=RTOL)
             assert_close_rel(v, layer.values, rtol=RTOL)
@@ -115,7 +115,7 @@ def test_cached_keys_and_values_are_transformers_and_a_prefix_in_them_means_the_
         cache = transformers.DynamicCache(ddp_cache_data=prefix, config=hf.config)
         real = mask[:, 3:].bool()
         assert_close_rel(ours(ids, past_key_values=prefix, attention_mask=mask).logits[real],
-                         hf(ids, cache=cache, attention_mask=mask).logits[real], rtol=RTOL)
+                         hf(ids, past_key_values=cache, attention_mask=mask).logits[real], rtol=RTOL)
 
 
 def test_our_save_pretrained_loads_in_transformers(pair, tmp_path):

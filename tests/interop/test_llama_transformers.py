@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from lowrank import models
 
-from ..helpers import assert_close_rel
+from ..helpers import assert_close_rel, returned_cache
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,8 +74,8 @@ def transformers_cached_greedy(hf, ids, mask, steps: int):
     logits, cache = None, None
     for _ in range(steps):
         step = ids if cache is None else out[-1]
-        result = hf(step, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-        cache = result.cache
+        result = hf(step, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        cache = returned_cache(result)
         out.append(result.logits[:, -1].argmax(-1, keepdim=True))
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
