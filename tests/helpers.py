@@ -53,3 +53,12 @@ def train_steps(model, steps: int, lr: float, **batch) -> None:
 def returned_cache(output):
     """A transformers output's KV cache: `cache` from 5.24, `past_key_values` before."""
     return output.cache if hasattr(output, "cache") else output.past_key_values
+
+
+def left_padded(lengths, generator, high: int) -> tuple:
+    """(ids (B, max(lengths)) of random tokens in [0, high), mask (B, max(lengths)): 1 on each row's last
+    lengths[i] columns)."""
+    width = max(lengths)
+    ids = torch.randint(0, high, (len(lengths), width), generator=generator)
+    mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()
+    return ids, mask

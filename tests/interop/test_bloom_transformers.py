@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from lowrank import models
 
-from ..helpers import assert_close_rel, returned_cache
+from ..helpers import assert_close_rel, left_padded, returned_cache
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,13 +47,6 @@ def pair(request, tmp_path_factory):
     return hf, models.from_pretrained(folder)
 
 
-def left_padded(lengths, generator):
-    """(ids (B, max(lengths)) of random tokens, mask (B, max(lengths)): 1 on each row's last lengths[i] columns)."""
-    width = max(lengths)
-    ids = torch.randint(0, VOCAB - 1, (len(lengths), width), generator=generator)
-    mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()
-    return ids, mask
-
 
 def greedy_by_forward(hf, ids, mask, steps):
     """transformers' greedy tokens without its generate: argmax of the last logits, appended, `steps` times."""
@@ -70,7 +63,7 @@ def test_logits_equal_transformers_with_and_without_padding(pair, lengths, seed)
     ((cumsum(mask) - 1) * mask) from slots, as ALiBi is blind to a shift shared by every real key."""
     hf, ours = pair
     gen = torch.Generator().manual_seed(seed)
-    ids, left = left_padded(lengths, gen)
+    ids, left = left_padded(lengths, gen, VOCAB - 1)
     holes = left * (torch.rand(left.shape, generator=gen) < 0.7)
     holes[:, -1] = 1
     with torch.no_grad():
@@ -92,7 +85,7 @@ def test_loss_equals_transformers(pair):
 
 def test_greedy_generation_equals_a_greedy_loop_over_transformers_forward(pair):
     hf, ours = pair
-    ids, mask = left_padded([7, 3, 5], torch.Generator().manual_seed(1))
+    ids, mask = left_padded([7, 3, 5], torch.Generator().manual_seed(1), VOCAB - 1)
     assert torch.equal(ours.generate(ids, mask, max_new_tokens=10), greedy_by_forward(hf, ids, mask, 10))
     alone = ids[1:2, -3:]
     assert torch.equal(ours.generate(alone, max_new_tokens=10), greedy_by_forward(hf, alone, torch.ones_like(alone), 10))
@@ -157,7 +150,7 @@ def test_bfloat16_load_is_as_close_to_float32_as_transformers_bfloat16(tmp_path,
     hf_bf16 = transformers.BloomForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     ours = models.from_pretrained(tmp_path, dtype="bfloat16")
     assert ours.lm_head.weight.dtype == torch.bfloat16
-    ids, mask = left_padded([12, 7, 9], torch.Generator().manual_seed(2))
+    ids, mask = left_padded([12, 7, 9], torch.Generator().manual_seed(2), VOCAB - 1)
     real = mask.bool()
     with torch.no_grad():
         exact = hf(ids, attention_mask=mask).logits[real]

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from lowrank import models
 
-from ..helpers import assert_close_rel
+from ..helpers import assert_close_rel, left_padded
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,17 +38,11 @@ def pair(request, tmp_path_factory):
     return hf, models.from_pretrained(folder), folder
 
 
-def left_padded(lengths, generator):
-    width = max(lengths)
-    ids = torch.randint(0, VOCAB - 1, (len(lengths), width), generator=generator)
-    mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()
-    return ids, mask
-
 
 @given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=3), seed=st.integers(0, 2**16))
 def test_logits_equal_transformers_with_and_without_padding(pair, lengths, seed):
     hf, ours, _ = pair
-    ids, mask = left_padded(lengths, torch.Generator().manual_seed(seed))
+    ids, mask = left_padded(lengths, torch.Generator().manual_seed(seed), VOCAB - 1)
     note(f"mask={mask.tolist()}")
     with torch.no_grad():
         assert_close_rel(ours(ids).logits, hf(ids).logits, rtol=RTOL)
@@ -66,7 +60,7 @@ def test_loss_equals_transformers(pair):
 
 def test_greedy_generation_equals_transformers_on_a_left_padded_batch(pair):
     hf, ours, _ = pair
-    ids, mask = left_padded([7, 3, 5], torch.Generator().manual_seed(1))
+    ids, mask = left_padded([7, 3, 5], torch.Generator().manual_seed(1), VOCAB - 1)
     kwargs = dict(max_new_tokens=10, do_sample=False, eos_token_id=VOCAB - 1, pad_token_id=0)
     expected = hf.generate(ids, attention_mask=mask, **kwargs)
     assert torch.equal(ours.generate(ids, mask, **kwargs), expected)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from lowrank import models
 
-from ..helpers import assert_close_rel, returned_cache
+from ..helpers import assert_close_rel, left_padded, returned_cache
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,12 +44,6 @@ def pair(request, tmp_path_factory):
     hf.save_pretrained(folder)
     return hf, models.from_pretrained(folder), folder
 
-
-def left_padded(lengths, generator):
-    width = max(lengths)
-    ids = torch.randint(0, VOCAB, (len(lengths), width), generator=generator)
-    mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()
-    return ids, mask
 
 
 def real_positions(mask):
@@ -92,7 +86,7 @@ def assert_logits_equal_on_real_tokens(ours, hf, ids, mask):
 @given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=3), seed=st.integers(0, 2**16))
 def test_logits_equal_transformers_with_and_without_padding(pair, lengths, seed):
     hf, ours, _ = pair
-    ids, mask = left_padded(lengths, torch.Generator().manual_seed(seed))
+    ids, mask = left_padded(lengths, torch.Generator().manual_seed(seed), VOCAB)
     note(f"mask={mask.tolist()}")
     with torch.no_grad():
         assert_close_rel(ours(ids).logits, hf(ids).logits)
@@ -110,7 +104,7 @@ def test_loss_equals_transformers(pair):
 def test_greedy_generation_equals_a_greedy_loop_over_transformers_forward(pair):
     """12 new tokens: Mistral's and Qwen2's windows (4, 5) are passed well before the end."""
     hf, ours, _ = pair
-    ids, mask = left_padded([7, 3, 5], torch.Generator().manual_seed(1))
+    ids, mask = left_padded([7, 3, 5], torch.Generator().manual_seed(1), VOCAB)
     assert torch.equal(ours.generate(ids, mask, max_new_tokens=12), transformers_greedy(hf, ids, mask, 12))
     row = ids[1:2, -3:]
     assert torch.equal(ours.generate(row, max_new_tokens=12), transformers_greedy(hf, row, torch.ones_like(row), 12))
@@ -149,7 +143,7 @@ def test_rope_scaling_logits_equal_transformers(rope, lengths, tmp_path):
         assert hf.config.rope_parameters["rope_theta"] == 500000.0
     ours = models.from_pretrained(tmp_path)
     assert ours.config.rope_parameters == hf.config.rope_parameters
-    ids, mask = left_padded(lengths, torch.Generator().manual_seed(len(lengths)))
+    ids, mask = left_padded(lengths, torch.Generator().manual_seed(len(lengths)), VOCAB)
     assert_logits_equal_on_real_tokens(ours, hf, ids, mask)  # a fresh transformers model: see models/rope.py
 
 
@@ -160,7 +154,7 @@ def test_dynamic_rope_kv_cache_generation_equals_transformers_cached_loop(tmp_pa
                             rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=3.0))
     hf.save_pretrained(tmp_path)
     ours = models.from_pretrained(tmp_path)
-    ids, mask = left_padded([12, 9], torch.Generator().manual_seed(2))
+    ids, mask = left_padded([12, 9], torch.Generator().manual_seed(2), VOCAB)
     expected = transformers_cached_greedy(hf, ids, mask, 14)
     assert torch.equal(ours.generate(ids, mask, max_new_tokens=14), expected)
     assert not torch.equal(transformers_greedy(hf, ids, mask, 14), expected)  # the difference the cache makes
@@ -171,7 +165,7 @@ def test_explicit_head_dim_unequal_to_hidden_over_heads(tmp_path):
     hf.save_pretrained(tmp_path)
     ours = models.from_pretrained(tmp_path)
     assert ours.model.layers[0].self_attn.q_proj.out_features == 64
-    ids, mask = left_padded([6, 4], torch.Generator().manual_seed(3))
+    ids, mask = left_padded([6, 4], torch.Generator().manual_seed(3), VOCAB)
     assert_logits_equal_on_real_tokens(ours, hf, ids, mask)
     assert torch.equal(ours.generate(ids, mask, max_new_tokens=6), transformers_greedy(hf, ids, mask, 6))
 
