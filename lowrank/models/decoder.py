@@ -145,8 +145,12 @@ class DecoderModel(PreTrainedModel):
 
 
 def causal_lm_loss(logits, labels):
-    """Mean next-token cross-entropy: logits (B, T, V) predict labels (B, T) shifted by one; -100 ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    """Mean next-token cross-entropy: logits (B, T, V) predict labels (B, T) shifted by one; -100 ignored.
+
+    The labels shift (padded with -100 at the end) rather than the logits: slicing (B, T, V) logits would copy
+    them forward and zero-fill a full-size gradient backward."""
+    next_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), next_labels.flatten(), ignore_index=-100)
 
 
 class CausalLM(DecoderModel):
