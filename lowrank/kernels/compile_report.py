@@ -1,24 +1,24 @@
 """What a GPU would run, built without one: every Triton binary the launchers can ask for, compiled for
 Ampere (sm_80) and Hopper (sm_90) on this machine.
 
-    python -m lowrank.kernels.compile_report [--targets 80,90] [--sites ...] [--dtypes ...] [--shapes ...] [--first-config]
-                                             [--jobs N] [--no-fail]
+    python -m lowrank.kernels.compile_report [--targets 80,90] [--sites ...] [--dtypes ...] [--shapes ...]
+                                             [--first-config] [--jobs N] [--no-fail]
 
 The launches come from the real launchers (lora_fwd, shrink, dropped_t_matmul, lora_batched_fwd) called on
-meta tensors of the shapes below (three weight shapes: SHAPES), once per target under tile_configs.assume_target, while triton's launch
-methods are recorded instead of run; each recorded launch is then compiled as triton's runtime would
-compile it (its binder's argument specialization, `_pack_args`, `triton.compile` for the target), once per
-autotune config the launcher's autotuner can try there (its own pruning, tile_configs.prune). Launches
-whose compile inputs are equal (integer arguments count by their specialisation only) share one binary,
-compiled once; each keeps its own grid.
+meta tensors of the shapes below (three weight shapes, SHAPES), once per target under
+tile_configs.assume_target, while triton's launch methods are recorded instead of run; each recorded launch
+is then compiled as triton's runtime would compile it (its binder's argument specialization, `_pack_args`,
+`triton.compile` for the target), once per autotune config the launcher's autotuner can try there (its own
+pruning, tile_configs.prune). Triton specialises integer arguments only by divisibility by 16 and equality
+to 1, so launches of different shapes mostly ask for the same binary: each distinct one (`compile_key`) is
+compiled once, and every launch keeps its own grid.
 
-One line per binary: call site, kernel, dtype, config, grid (and programs per SM: 132 SMs on H100/H200,
-108 on A100), registers, spill bytes, shared memory, resident CTAs per SM and waves of them, and the
-tensor-core instruction the PTX uses (wgmma, mma or none; "serialized" where ptxas serialises wgmma for want
-of registers). Registers and
-spill bytes come from the `ptxas -v` log of triton's own compile, so from the flags it really builds with.
-Exit code 1 on a compile error, any spilled bytes, shared memory above the per-CTA limit, or a decode grid
-with fewer than tile_configs.DECODE_WAVES programs per SM.
+One line per launch and config: call site@shape, kernel, dtype, config, grid (and programs per SM: 132 SMs
+on H100/H200, 108 on A100), registers, spill bytes, shared memory, resident CTAs per SM and waves of them,
+and the tensor-core instruction the PTX uses (wgmma, mma or none; "serialized" where ptxas serialises wgmma
+for want of registers). Registers and spill bytes come from the `ptxas -v` log of triton's own compile, so
+from the flags it really builds with. Exit code 1 on a compile error, any spilled bytes, shared memory
+above the per-CTA limit, or a decode grid with fewer than tile_configs.DECODE_WAVES programs per SM.
 """
 import argparse
 import contextlib
@@ -28,6 +28,7 @@ import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -62,9 +63,9 @@ DTYPES = [("fp32", torch.float32, torch.float32, False), ("tf32", torch.float32,
           ("fp16", torch.float16, torch.float16, False), ("bf16", torch.bfloat16, torch.bfloat16, False),
           ("bf16+fp32-lora", torch.bfloat16, torch.float32, False),
           ("fp16+fp32-lora", torch.float16, torch.float32, False)]
-# (K, N) of the weights: a 4096 x 4096 projection (Llama-3-8B / Mistral-7B q and o), and their MLP's
-# gate/up (4096 -> 14336) and down (14336 -> 4096). Sites of the square shape carry no suffix.
-SHAPES = {"square": (4096, 4096), "gate_up": (4096, 14336), "down": (14336, 4096)}
+# (K, N) of the weights, by the Llama-3-8B / Mistral-7B linears they are: q_proj and o_proj (4096 -> 4096),
+# the MLP's gate_proj and up_proj (4096 -> 14336) and down_proj (14336 -> 4096). Sites end in @name.
+SHAPES = {"q_o": (4096, 4096), "gate_up": (4096, 14336), "down": (14336, 4096)}
 R = 16
 PREFILL_M, DECODE_M, ADAPTERS = 8192, 8, 4
 
@@ -117,7 +118,7 @@ def record_launches(targets=(80, 90), sites=None, dtypes=None, shapes=None) -> l
         with tile_configs.assume_target(tile_configs.Target(target, DEVICES[target].sms)):
             for shape, (K, N) in SHAPES.items():
                 if not shapes or shape in shapes:
-                    _record_target(launches, target, sites, dtypes, K, N, "" if shape == "square" else f"@{shape}")
+                    _record_target(launches, target, sites, dtypes, K, N, f"@{shape}")
     return launches
 
 
@@ -224,24 +225,36 @@ def _ctas_per_sm(device: Device, regs: int, warps: int, shared: int) -> int:
     return min(by_regs, by_threads, by_shared, device.ctas_per_sm)
 
 
+@lru_cache(maxsize=None)
+def _binder(fn: JITFunction, target: int) -> tuple:
+    backend = make_backend(GPUTarget("cuda", target, 32))
+    return backend, create_function_from_signature(fn.signature, fn.params, backend)
+
+
 def _packed(launch: Launch, config) -> tuple:
     """(bound arguments, what triton.compile takes: signature, constexprs, attrs, options) of one launch
     with one config for its target, as triton's runtime binds them."""
     fn = launch.kernel
     kwargs = dict(launch.kwargs, **(config.all_kwargs() if config is not None else {}))
-    backend = make_backend(GPUTarget("cuda", launch.target, 32))
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    backend, binder = _binder(fn, launch.target)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     return bound, signature, constexprs, attrs, options
 
 
 def compile_key(launch: Launch, config) -> tuple:
-    """What the binary depends on: the kernel, target and what triton.compile is given (integer arguments
-    only by their specialisation, so shapes that specialise alike share one binary)."""
-    _, signature, constexprs, attrs, options = _packed(launch, config)
-    return (launch.kernel.__name__, launch.target, repr(signature), repr(sorted(constexprs.items(), key=repr)),
-            repr(attrs), repr(sorted(options.__dict__.items())))
+    """What the binary depends on, as triton's cache keys it: the kernel's source (with its callees), the
+    target and what triton.compile is given (integers only by their specialisation, so shapes that
+    specialise alike share one binary)."""
+    return _planned(launch, config)[0]
+
+
+def _planned(launch: Launch, config) -> tuple:
+    """(compile_key, grid size) of one launch with one config."""
+    bound, signature, constexprs, attrs, options = _packed(launch, config)
+    key = (launch.kernel.cache_key, launch.target, repr(signature), repr(sorted(constexprs.items(), key=repr)),
+           repr(attrs), repr(sorted(options.__dict__.items())))
+    return key, launch_grid(launch, bound)
 
 
 def compile_binary(launch: Launch, config) -> Binary:
@@ -274,14 +287,6 @@ def launch_grid(launch: Launch, bound) -> int:
     return int(torch.Size(grid).numel())
 
 
-def for_launch(binary: Binary, launch: Launch, config) -> Binary:
-    """`binary` (compiled for another launch with the same compile_key) as this launch's: its site, dtype and
-    grid."""
-    if binary.error:
-        return replace(binary, site=launch.site, dtype=launch.dtype)
-    return replace(binary, site=launch.site, dtype=launch.dtype, grid=launch_grid(launch, _packed(launch, config)[0]))
-
-
 _JOBS: list = []  # (launch, config) of each distinct binary, filled before the worker processes fork
 
 
@@ -294,32 +299,39 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated (default 80,90)")
     parser.add_argument("--sites", help="call-site prefixes, comma-separated (fwd, dx, da, batched; default all)")
     parser.add_argument("--dtypes", help=f"comma-separated among {', '.join(d[0] for d in DTYPES)} (default all)")
-    parser.add_argument("--shapes", help=f"weight shapes, comma-separated among {', '.join(SHAPES)} (default all)")
+    parser.add_argument("--shapes", help="weight shapes, comma-separated among "
+                        f"{', '.join(f'{s} (K {k}, N {n})' for s, (k, n) in SHAPES.items())} (default all)")
     parser.add_argument("--first-config", action="store_true", help="only the first config of each autotuner")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPUs)")
     parser.add_argument("--no-fail", action="store_true", help="exit 0 whatever the binaries show")
     args = parser.parse_args(argv)
     split = lambda text: text.split(",") if text else None
+    for option, given, known in (("--dtypes", args.dtypes, [d[0] for d in DTYPES]), ("--shapes", args.shapes, SHAPES)):
+        if set(split(given) or ()) - set(known):
+            parser.error(f"{option}: unknown {', '.join(sorted(set(split(given)) - set(known)))}")
     launches = record_launches([int(t) for t in split(args.targets)], split(args.sites), split(args.dtypes),
                                split(args.shapes))
     wanted = [(launch, config) for launch in launches
               for config in (launch.configs[:1] if args.first_config else launch.configs)]
-    keys = [compile_key(launch, config) for launch, config in wanted]
-    first, jobs = {}, []  # compile key -> index into jobs, the first launch config of each key
-    for job, key in zip(wanted, keys):
+    plans = [_planned(launch, config) for launch, config in wanted]
+    first = {}  # compile key -> index into _JOBS of the first launch config that asks for it
+    _JOBS[:] = []
+    for job, (key, _) in zip(wanted, plans):
         if key not in first:
-            first[key] = len(jobs)
-            jobs.append(job)
-    _JOBS[:] = jobs
+            first[key] = len(_JOBS)
+            _JOBS.append(job)
     print(f"triton {triton.__version__}, torch {torch.__version__}: {len(launches)} launches, {len(wanted)} "
           f"launch configs, {len(_JOBS)} distinct binaries")
+    binaries, compiled = [], []
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        compiled = list(pool.map(_compile_job, range(len(_JOBS))))
-    binaries = []
-    for (launch, config), key in zip(wanted, keys):
-        binary = for_launch(compiled[first[key]], launch, config)
-        print(binary.line(), flush=True)
-        binaries.append(binary)
+        results = pool.map(_compile_job, range(len(_JOBS)))
+        for launch, (key, grid) in zip((launch for launch, _ in wanted), plans):
+            while len(compiled) <= first[key]:  # jobs come in the order of their first launch: print as they do
+                compiled.append(next(results))
+            binary = compiled[first[key]]
+            binary = replace(binary, site=launch.site, dtype=launch.dtype, grid=0 if binary.error else grid)
+            print(binary.line(), flush=True)
+            binaries.append(binary)
     bad = [b for b in binaries if b.problems()]
     print(f"{len(binaries)} launch configs ({len(_JOBS)} distinct binaries), {len(binaries) - len(bad)} clean, "
           f"{len(bad)} with problems")
