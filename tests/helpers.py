@@ -62,3 +62,34 @@ def left_padded(lengths, generator, high: int) -> tuple:
     ids = torch.randint(0, high, (len(lengths), width), generator=generator)
     mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()
     return ids, mask
+
+
+@torch.no_grad()
+def greedy_by_forward(model, ids, mask, steps: int, eos=None, pad=0, position_ids=True, decoder_start=None):
+    """A reference's greedy tokens without its `generate`: its forward over the whole sequence at every step
+    (no cache), the argmax of the last logits appended, `steps` times or until every row has emitted eos
+    (a finished row continues with pad).
+
+    Decoder-only (decoder_start None): ids, mask (B, T) -> (B, T + n). Where the mask pads, position ids
+    count real tokens from 0 (padding at 1), as transformers' generation sets them; position_ids=False for
+    models that take positions from the mask alone (BLOOM's ALiBi). Encoder-decoder: ids, mask are the
+    encoder's, and the result is the decoder's tokens (B, 1 + n) from decoder_start.
+    """
+    out = ids if decoder_start is None else torch.full((ids.shape[0], 1), decoder_start)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(steps):
+        if decoder_start is None:
+            full = torch.cat([mask, mask.new_ones(mask.shape[0], out.shape[1] - ids.shape[1])], 1)
+            extra = {}
+            if position_ids and not bool(full.all()):
+                extra["position_ids"] = (full.cumsum(-1) - 1).masked_fill(full == 0, 1)
+            logits = model(input_ids=out, attention_mask=full, **extra).logits
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=out).logits
+        token = logits[:, -1].argmax(-1).masked_fill(finished, pad)
+        if eos is not None:
+            finished |= torch.isin(token, torch.as_tensor(eos))
+        out = torch.cat([out, token[:, None]], dim=1)
+        if finished.all():
+            break
+    return out

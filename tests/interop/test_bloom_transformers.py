@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from lowrank import models
 
-from ..helpers import assert_close_rel, left_padded, returned_cache
+from ..helpers import assert_close_rel, greedy_by_forward, left_padded, returned_cache
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,15 +48,6 @@ def pair(request, tmp_path_factory):
 
 
 
-def greedy_by_forward(hf, ids, mask, steps):
-    """transformers' greedy tokens without its generate: argmax of the last logits, appended, `steps` times."""
-    for _ in range(steps):
-        with torch.no_grad():
-            token = hf(ids, attention_mask=mask).logits[:, -1].argmax(-1)
-        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return ids
-
-
 @given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=3), seed=st.integers(0, 2**16))
 def test_logits_equal_transformers_with_and_without_padding(pair, lengths, seed):
     """Left padding, and masks with holes: only these tell key positions counted over real keys
@@ -86,9 +77,9 @@ def test_loss_equals_transformers(pair):
 def test_greedy_generation_equals_a_greedy_loop_over_transformers_forward(pair):
     hf, ours = pair
     ids, mask = left_padded([7, 3, 5], torch.Generator().manual_seed(1), VOCAB - 1)
-    assert torch.equal(ours.generate(ids, mask, max_new_tokens=10), greedy_by_forward(hf, ids, mask, 10))
+    assert torch.equal(ours.generate(ids, mask, max_new_tokens=10), greedy_by_forward(hf, ids, mask, 10, position_ids=False))
     alone = ids[1:2, -3:]
-    assert torch.equal(ours.generate(alone, max_new_tokens=10), greedy_by_forward(hf, alone, torch.ones_like(alone), 10))
+    assert torch.equal(ours.generate(alone, max_new_tokens=10), greedy_by_forward(hf, alone, torch.ones_like(alone), 10, position_ids=False))
 
 
 def test_cached_keys_and_values_are_transformers_and_a_prefix_in_them_means_the_same(pair):

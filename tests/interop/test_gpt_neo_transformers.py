@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from lowrank import models
 
-from ..helpers import assert_close_rel
+from ..helpers import assert_close_rel, greedy_by_forward
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,17 +49,6 @@ def padded(lengths, generator, left=True):
     return ids * mask, mask
 
 
-def greedy_reference(hf, ids, mask, steps):
-    """Greedy decoding by transformers' forward over the whole sequence each step (no cache), position ids
-    counting real tokens only, as transformers' generate sets them: ids (B, T) -> (B, T + steps)."""
-    with torch.no_grad():
-        for _ in range(steps):
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            tokens = hf(ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].argmax(-1)
-            ids, mask = torch.cat([ids, tokens[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return ids
-
-
 @given(lengths=st.lists(st.integers(1, 16), min_size=1, max_size=3), seed=st.integers(0, 2**16))
 def test_logits_equal_transformers_with_and_without_padding(pair, lengths, seed):
     hf, ours, _ = pair
@@ -84,9 +73,9 @@ def test_greedy_generation_past_the_window_equals_transformers_greedy_loop(pair)
     hf, ours, _ = pair
     steps = 10  # prompt + steps > 2 * window_size for every variant: decoding crosses the local window
     ids, mask = padded([5], torch.Generator().manual_seed(2))
-    assert torch.equal(ours.generate(ids, max_new_tokens=steps), greedy_reference(hf, ids, mask, steps))
+    assert torch.equal(ours.generate(ids, max_new_tokens=steps), greedy_by_forward(hf, ids, mask, steps))
     ids, mask = padded([7, 3, 5], torch.Generator().manual_seed(1))
-    assert torch.equal(ours.generate(ids, mask, max_new_tokens=steps), greedy_reference(hf, ids, mask, steps))
+    assert torch.equal(ours.generate(ids, mask, max_new_tokens=steps), greedy_by_forward(hf, ids, mask, steps))
 
 
 def test_our_save_pretrained_loads_in_transformers(pair, tmp_path):

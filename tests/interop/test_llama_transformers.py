@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from lowrank import models
 
-from ..helpers import assert_close_rel, left_padded, returned_cache
+from ..helpers import assert_close_rel, greedy_by_forward, left_padded, returned_cache
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,16 +49,6 @@ def pair(request, tmp_path_factory):
 def real_positions(mask):
     """Position ids as transformers' generate computes them: real tokens counted, padding at 1."""
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-
-
-@torch.no_grad()
-def transformers_greedy(hf, ids, mask, steps: int):
-    """Greedy tokens from transformers' forward over the whole sequence at every step (no cache)."""
-    for _ in range(steps):
-        logits = hf(ids, attention_mask=mask, position_ids=real_positions(mask)).logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids
 
 
 @torch.no_grad()
@@ -105,9 +95,9 @@ def test_greedy_generation_equals_a_greedy_loop_over_transformers_forward(pair):
     """12 new tokens: Mistral's and Qwen2's windows (4, 5) are passed well before the end."""
     hf, ours, _ = pair
     ids, mask = left_padded([7, 3, 5], torch.Generator().manual_seed(1), VOCAB)
-    assert torch.equal(ours.generate(ids, mask, max_new_tokens=12), transformers_greedy(hf, ids, mask, 12))
+    assert torch.equal(ours.generate(ids, mask, max_new_tokens=12), greedy_by_forward(hf, ids, mask, 12))
     row = ids[1:2, -3:]
-    assert torch.equal(ours.generate(row, max_new_tokens=12), transformers_greedy(hf, row, torch.ones_like(row), 12))
+    assert torch.equal(ours.generate(row, max_new_tokens=12), greedy_by_forward(hf, row, torch.ones_like(row), 12))
 
 
 def test_our_save_pretrained_loads_in_transformers(pair, tmp_path):
@@ -157,7 +147,7 @@ def test_dynamic_rope_kv_cache_generation_equals_transformers_cached_loop(tmp_pa
     ids, mask = left_padded([12, 9], torch.Generator().manual_seed(2), VOCAB)
     expected = transformers_cached_greedy(hf, ids, mask, 14)
     assert torch.equal(ours.generate(ids, mask, max_new_tokens=14), expected)
-    assert not torch.equal(transformers_greedy(hf, ids, mask, 14), expected)  # the difference the cache makes
+    assert not torch.equal(greedy_by_forward(hf, ids, mask, 14), expected)  # the difference the cache makes
 
 
 def test_explicit_head_dim_unequal_to_hidden_over_heads(tmp_path):
@@ -167,7 +157,7 @@ def test_explicit_head_dim_unequal_to_hidden_over_heads(tmp_path):
     assert ours.model.layers[0].self_attn.q_proj.out_features == 64
     ids, mask = left_padded([6, 4], torch.Generator().manual_seed(3), VOCAB)
     assert_logits_equal_on_real_tokens(ours, hf, ids, mask)
-    assert torch.equal(ours.generate(ids, mask, max_new_tokens=6), transformers_greedy(hf, ids, mask, 6))
+    assert torch.equal(ours.generate(ids, mask, max_new_tokens=6), greedy_by_forward(hf, ids, mask, 6))
 
 
 def test_sharded_bfloat16_checkpoint_loads_close_to_transformers_bfloat16(tmp_path):
@@ -186,7 +176,7 @@ def test_sharded_bfloat16_checkpoint_loads_close_to_transformers_bfloat16(tmp_pa
 def test_eos_token_id_list_is_read_written_and_stops_generation(tmp_path):
     hf = transformers_model("Llama")
     prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(4))
-    tokens = transformers_greedy(hf, prompt, torch.ones_like(prompt), 8)[0, 5:].tolist()
+    tokens = greedy_by_forward(hf, prompt, torch.ones_like(prompt), 8)[0, 5:].tolist()
     stop = tokens[3] if tokens[3] not in tokens[:3] else tokens[0]  # the first step that emits it
     never = next(i for i in range(VOCAB) if i not in tokens)
     hf.config.eos_token_id = [never, stop]

@@ -15,7 +15,7 @@ import torch
 import lowrank
 from lowrank import models
 
-from ..helpers import assert_close_rel
+from ..helpers import assert_close_rel, greedy_by_forward
 from .test_lora_peft import TASK, auto_class, hf_model
 
 peft = pytest.importorskip("peft")
@@ -127,29 +127,6 @@ def test_prompt_saved_here_loads_in_peft_with_the_same_logits(bases, tmp_path, k
     assert_same_outputs(ours, theirs, kind, method)
 
 
-@torch.no_grad()
-def greedy_over_forward(model, kind, ids, mask, steps, eos, pad):
-    """Greedy tokens from `model`'s forward alone, the whole sequence recomputed at every step (no cache, no
-    `generate`): (B, T) -> (B, T + n) for GPT-2, (B, 1 + n) decoder tokens for T5. Left-padded GPT-2 rows
-    number their real tokens from 0, as transformers' generation does; a row that emitted eos gets pad."""
-    rows = torch.arange(ids.shape[0])
-    out = ids if kind != "t5" else torch.full((ids.shape[0], 1), model.config.decoder_start_token_id)
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool)
-    for _ in range(steps):
-        if kind != "t5":
-            full_mask = torch.cat([mask, torch.ones(len(rows), out.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
-            positions = None if bool(full_mask.all()) else (full_mask.cumsum(1) - 1).clamp(min=0)
-            logits = model(input_ids=out, attention_mask=full_mask, position_ids=positions).logits
-        else:
-            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=out).logits
-        token = logits[:, -1].argmax(-1).masked_fill(finished, pad)
-        finished |= token == eos
-        out = torch.cat([out, token[:, None]], dim=1)
-        if finished.all():
-            break
-    return out
-
-
 @pytest.mark.parametrize("kind,method", [(k, m) for k, m in CASES if m in ("prompt-tuning", "prefix", "p-tuning-mlp")])
 def test_greedy_generate_equals_a_greedy_loop_over_peft_forward(bases, tmp_path, kind, method):
     """The reference is peft's forward, not its `generate` (which disagrees with its own forward for GPT-2
@@ -167,7 +144,8 @@ def test_greedy_generate_equals_a_greedy_loop_over_peft_forward(bases, tmp_path,
         mask = torch.ones_like(mask)
     config = theirs.get_base_model().config
     eos, pad = config.eos_token_id, config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-    expected = greedy_over_forward(theirs, kind, ids, mask, 8, eos, pad)
+    start = config.decoder_start_token_id if kind == "t5" else None
+    expected = greedy_by_forward(theirs, ids, mask, 8, eos, pad, decoder_start=start)
     actual = ours.generate(ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=pad)
     assert torch.equal(actual, expected)
 
