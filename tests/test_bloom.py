@@ -1,5 +1,6 @@
-"""Properties of models.bloom on its own: ALiBi slopes and positions, layout, config, KV cache, padding.
+"""Properties of models.bloom on its own: ALiBi slopes and positions, layout, config, the growing cache.
 
+KV cache and padding: tests/test_decoder_cache.py, over every decoder.
 Agreement with transformers' BLOOM is in tests/interop/test_bloom_transformers.py.
 """
 import math
@@ -128,60 +129,6 @@ def test_position_ids_are_refused(model):
         model(torch.tensor([[1, 2]]), position_ids=torch.tensor([[0, 1]]))
 
 
-def padded_rows(lengths, extra, generator):
-    """Rows of lengths[i] + extra random tokens, and (ids, mask) (B, max(lengths)) holding each row's first
-    lengths[i] tokens left-padded."""
-    width = max(lengths)
-    rows = [torch.randint(0, VOCAB, (n + extra,), generator=generator) for n in lengths]
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, width - n :], mask[i, width - n :] = rows[i][:n], 1
-    return rows, ids, mask
-
-
-@given(lengths=st.lists(st.integers(1, 10), min_size=1, max_size=3), steps=st.integers(1, 5),
-       padded=st.booleans(), seed=st.integers(0, 2**16))
-def test_kv_cache_decoding_equals_full_recomputation(model, lengths, steps, padded, seed):
-    """Both caches: forward's past_key_values (ConcatCache) and prefill/decode_step (KVCache, whose key_mask
-    gives ALiBi the padded keys' positions)."""
-    if not padded:
-        lengths = [max(lengths)] * len(lengths)
-    rows, ids, mask = padded_rows(lengths, steps, torch.Generator().manual_seed(seed))
-    note(f"mask={mask.tolist()}")
-    new = torch.stack([row[n : n + steps] for row, n in zip(rows, lengths)])
-    full_mask = torch.cat([mask, torch.ones_like(new)], 1)
-    full = model(torch.cat([ids, new], 1), attention_mask=full_mask).logits[:, ids.size(1) - 1 :]
-
-    out = model(ids, attention_mask=mask, use_cache=True)
-    stepped = [out.logits[:, -1]]
-    for t in range(steps):
-        out = model(new[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True,
-                    attention_mask=full_mask[:, : ids.size(1) + t + 1])
-        stepped.append(out.logits[:, -1])
-    assert_close(torch.stack(stepped, 1), full)
-
-    cache, last = model.prefill(ids, mask)
-    decoded = [last] + [model.decode_step(cache, new[:, t]) for t in range(steps)]
-    assert_close(torch.stack(decoded, 1), full)
-
-
-@given(lengths=st.lists(st.integers(1, 10), min_size=2, max_size=4), steps=st.integers(1, 5),
-       seed=st.integers(0, 2**16))
-def test_left_padded_batch_equals_each_row_run_alone(model, lengths, steps, seed):
-    rows, ids, mask = padded_rows(lengths, steps, torch.Generator().manual_seed(seed))
-    note(f"mask={mask.tolist()}")
-    cache, last = model.prefill(ids, mask)
-    batched = [last]
-    for s in range(steps - 1):
-        batched.append(model.decode_step(cache, torch.stack([r[n + s] for r, n in zip(rows, lengths)])))
-    padded_forward = model(ids, attention_mask=mask).logits
-    for i, (row, n) in enumerate(zip(rows, lengths)):
-        alone = model(row[None, : n + steps - 1]).logits[0]
-        assert_close(torch.stack([b[i] for b in batched]), alone[n - 1 :])
-        assert_close(padded_forward[i, ids.size(1) - n :], alone[:n])
-
-
 @given(length=st.integers(2, 12), seed=st.integers(0, 2**16))
 def test_masked_keys_are_as_if_absent(model, length, seed):
     """ALiBi counts a key's position over the real keys of its row, so a mask with holes anywhere gives the
@@ -193,26 +140,6 @@ def test_masked_keys_are_as_if_absent(model, length, seed):
     note(f"mask={mask.tolist()}")
     real = mask[0].bool()
     assert_close(model(ids, attention_mask=mask).logits[0, real], model(ids[:, real]).logits[0])
-
-
-@given(lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3), n_prefix=st.integers(1, 4),
-       steps=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_prefill_after_a_prefix_equals_forward_with_that_prefix_per_row(model, lengths, n_prefix, steps, seed):
-    """A learned prefix (past_key_values) holds the first n_prefix positions; padding after it shifts nothing."""
-    gen = torch.Generator().manual_seed(seed)
-    prefix = [(torch.randn(1, 6, n_prefix, 8, generator=gen), torch.randn(1, 6, n_prefix, 8, generator=gen))
-              for _ in range(2)]
-    rows, ids, mask = padded_rows(lengths, steps, gen)
-    batch = len(lengths)
-    full_mask = torch.cat([torch.ones(batch, n_prefix, dtype=torch.long), mask], 1)
-    batch_prefix = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix]
-    cache, last = model.prefill(ids, full_mask, past_key_values=batch_prefix)
-    decoded = [last]
-    for s in range(steps - 1):
-        decoded.append(model.decode_step(cache, torch.stack([r[n + s] for r, n in zip(rows, lengths)])))
-    for i, (row, n) in enumerate(zip(rows, lengths)):
-        alone = model(row[None, : n + steps - 1], past_key_values=prefix).logits[0]
-        assert_close(torch.stack([d[i] for d in decoded]), alone[n - 1 :])
 
 
 def test_dropout_is_active_in_train_mode_only():

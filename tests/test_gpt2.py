@@ -1,5 +1,6 @@
-"""Properties of models.gpt2 on its own: layout, config, KV cache, padding, loss, dropout, limits.
+"""Properties of models.gpt2 on its own: layout, config, masks, loss, dropout, limits.
 
+KV cache and padding: tests/test_decoder_cache.py, over every decoder.
 Agreement with transformers' GPT-2 is in tests/interop/test_gpt2_transformers.py.
 """
 import re
@@ -7,8 +8,6 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, note
-from hypothesis import strategies as st
 
 from lowrank.errors import ConfigError
 from lowrank.models.gpt2 import Conv1D, GPT2Config, GPT2LMHeadModel
@@ -95,75 +94,6 @@ def test_config_rejects_bad_values_naming_the_field(bad, field):
 def test_bad_inputs_raise_naming_the_argument_and_value(model, inputs, error, message):
     with pytest.raises(error, match=message):
         model(**inputs)
-
-
-@given(batch=st.integers(1, 3), prompt=st.integers(1, 12), steps=st.integers(1, 6), seed=st.integers(0, 2**16))
-def test_kv_cache_decoding_equals_full_recomputation(model, batch, prompt, steps, seed):
-    ids = torch.randint(0, 50, (batch, prompt + steps), generator=torch.Generator().manual_seed(seed))
-    full = model(ids).logits
-    out = model(ids[:, :prompt], use_cache=True)
-    past, logits = out.past_key_values, [out.logits]
-    assert past[0][0].shape == (batch, 4, prompt, 8)
-    for t in range(prompt, prompt + steps):
-        out = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        logits.append(out.logits)
-    assert_close(torch.cat(logits, dim=1), full)
-
-    cache, last = model.prefill(ids[:, :prompt])
-    decoded = [last]
-    for t in range(prompt, prompt + steps):
-        decoded.append(model.decode_step(cache, ids[:, t]))
-    assert_close(torch.stack(decoded, dim=1), full[:, prompt - 1 :])
-
-
-@given(lengths=st.lists(st.integers(1, 10), min_size=1, max_size=4), steps=st.integers(1, 5), seed=st.integers(0, 2**16))
-def test_left_padded_batch_equals_each_row_run_alone(model, lengths, steps, seed):
-    gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    rows = [torch.randint(0, 50, (n + steps,), generator=gen) for n in lengths]
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, width - n :], mask[i, width - n :] = rows[i][:n], 1
-    note(f"mask={mask.tolist()}")
-
-    cache, last = model.prefill(ids, mask)
-    batched = [last]
-    for s in range(steps - 1):
-        batched.append(model.decode_step(cache, torch.stack([r[n + s] for r, n in zip(rows, lengths)])))
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    padded_forward = model(ids, attention_mask=mask, position_ids=position_ids).logits
-    for i, (row, n) in enumerate(zip(rows, lengths)):
-        alone = model(row[None, : n + steps - 1]).logits[0]
-        assert_close(torch.stack([b[i] for b in batched]), alone[n - 1 :])
-        assert_close(padded_forward[i, width - n :], alone[:n])
-
-
-@given(lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3), n_prefix=st.integers(1, 4),
-       steps=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_prefill_with_a_prefix_and_embeddings_equals_forward_with_that_prefix_per_row(model, lengths, n_prefix, steps,
-                                                                                      seed):
-    """A learned prefix (past_key_values) shifts positions by its length; inputs_embeds stand for input_ids."""
-    gen = torch.Generator().manual_seed(seed)
-    prefix = [(torch.randn(1, 4, n_prefix, 8, generator=gen), torch.randn(1, 4, n_prefix, 8, generator=gen))
-              for _ in range(2)]
-    width, batch = max(lengths), len(lengths)
-    rows = [torch.randint(0, 50, (n + steps,), generator=gen) for n in lengths]
-    ids = torch.zeros(batch, width, dtype=torch.long)
-    mask = torch.ones(batch, n_prefix + width, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, width - n :] = rows[i][:n]
-        mask[i, n_prefix : n_prefix + width - n] = 0
-    batch_prefix = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix]
-    cache, last = model.prefill(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask,
-                                past_key_values=batch_prefix)
-    decoded = [last]
-    for s in range(steps - 1):
-        decoded.append(model.decode_step(cache, torch.stack([r[n + s] for r, n in zip(rows, lengths)])))
-    for i, (row, n) in enumerate(zip(rows, lengths)):
-        alone = model(row[None, : n + steps - 1], past_key_values=prefix).logits[0]
-        assert_close(torch.stack([d[i] for d in decoded]), alone[n - 1 :])
 
 
 def test_attention_mask_hides_masked_past_keys(model):

@@ -1,5 +1,6 @@
-"""Properties of models.gpt_neo on its own: layout, config, the local window, KV cache, padding, checkpoints.
+"""Properties of models.gpt_neo on its own: layout, config, the local window, checkpoints.
 
+KV cache and padding: tests/test_decoder_cache.py, over every decoder.
 Agreement with transformers' GPT-Neo is in tests/interop/test_gpt_neo_transformers.py.
 """
 import re
@@ -122,51 +123,6 @@ def test_a_local_layer_sees_only_the_last_window_size_slots(local_layers, change
     edited[0, 0] = (ids[0, 0] + 1) % 50
     moved = (one_layer(ids).logits - one_layer(edited).logits).abs().amax(-1)[0] > 0
     assert moved.tolist() == [i in changed for i in range(12)]
-
-
-def left_pad(rows) -> tuple:
-    """rows: 1-D token tensors -> (ids, mask), each (B, longest row), the rows right-aligned."""
-    width = max(len(row) for row in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
-    return ids, mask
-
-
-def decoded_logits(model, prompt, mask, continuation):
-    """prefill(prompt (B, T), mask), then one decode_step per column of continuation (B, S)
-    -> the next-token logits of every step (B, S + 1, V)."""
-    cache, last = model.prefill(prompt, mask)
-    return torch.stack([last] + [model.decode_step(cache, tokens) for tokens in continuation.T], dim=1)
-
-
-@given(batch=st.integers(1, 3), prompt=st.integers(1, 10), steps=st.integers(1, 12), seed=st.integers(0, 2**16))
-def test_kv_cache_decoding_equals_full_recomputation_past_the_window(model, batch, prompt, steps, seed):
-    ids = torch.randint(0, 50, (batch, prompt + steps), generator=torch.Generator().manual_seed(seed))
-    full = model(ids).logits
-    out = model(ids[:, :prompt], use_cache=True)
-    logits = [out.logits]
-    for t in range(prompt, prompt + steps):
-        out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
-        logits.append(out.logits)
-    assert_close(torch.cat(logits, dim=1), full)
-    assert_close(decoded_logits(model, ids[:, :prompt], None, ids[:, prompt:]), full[:, prompt - 1 :])
-
-
-@given(lengths=st.lists(st.integers(1, 10), min_size=2, max_size=4), steps=st.integers(1, 10),
-       seed=st.integers(0, 2**16))
-def test_left_padded_batch_equals_each_row_run_alone(model, lengths, steps, seed):
-    gen = torch.Generator().manual_seed(seed)
-    rows = [torch.randint(0, 50, (n + steps - 1,), generator=gen) for n in lengths]
-    ids, mask = left_pad([row[:n] for row, n in zip(rows, lengths)])
-    note(f"mask={mask.tolist()}")
-    decoded = decoded_logits(model, ids, mask, torch.stack([row[n:] for row, n in zip(rows, lengths)]))
-    padded_forward = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-    for i, (row, n) in enumerate(zip(rows, lengths)):
-        alone = model(row[None]).logits[0]
-        assert_close(decoded[i], alone[n - 1 :])
-        assert_close(padded_forward[i, ids.size(1) - n :], alone[:n])
 
 
 def test_init_is_transformers_generic_one_without_residual_rescaling(model):

@@ -1,6 +1,6 @@
 """The Llama family (models/llama.py, models/rope.py) on its own: RoPE against a float64 NumPy reference of
-the formulas, KV-cache decoding against full recomputation, padding, grouped-query attention against the
-same model with its key/value heads repeated, and config checks."""
+the formulas, the sliding window's reach, grouped-query attention against the same model with its key/value
+heads repeated, and config checks. KV cache and padding: tests/test_decoder_cache.py, over every decoder."""
 import numpy as np
 import pytest
 import torch
@@ -11,7 +11,7 @@ from lowrank import models
 from lowrank.errors import ConfigError
 from lowrank.models.rope import RotaryEmbedding, apply_rotary, inverse_frequencies
 
-from .helpers import assert_close_rel
+from .helpers import assert_close_rel, left_padded
 
 VOCAB = 64
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -30,17 +30,6 @@ def tiny(name, seed=0, **overrides):
     config_class, model_class, family = FAMILIES[name]
     torch.manual_seed(seed)
     return model_class(config_class(**{**TINY, **family, **overrides})).eval()
-
-
-def left_padded(lengths, seed):
-    width = max(lengths)
-    ids = torch.randint(0, VOCAB, (len(lengths), width), generator=torch.Generator().manual_seed(seed))
-    mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()
-    return ids, mask
-
-
-def positions_of(mask):
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 # RoPE against the formulas, in float64.
@@ -113,28 +102,12 @@ def test_rotated_scores_depend_on_the_relative_position_only(params, m, n, shift
 
 # The model: caching, padding, grouped-query attention.
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-@given(lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3), steps=st.integers(1, 9), seed=st.integers(0, 99))
-def test_kv_cache_decoding_equals_full_recomputation(name, lengths, steps, seed):
-    """Windows of 3 are passed within the steps; padding sits inside them."""
-    model = tiny(name)
-    ids, mask = left_padded(lengths, seed)
-    new = torch.randint(0, VOCAB, (len(lengths), steps), generator=torch.Generator().manual_seed(seed + 1))
-    with torch.no_grad():
-        cache, logits = model.prefill(ids, mask)
-        for t in range(steps):
-            full_ids, full_mask = torch.cat([ids, new[:, :t]], 1), torch.cat([mask, torch.ones_like(new[:, :t])], 1)
-            expected = model(full_ids, attention_mask=full_mask, position_ids=positions_of(full_mask)).logits[:, -1]
-            assert_close_rel(logits, expected)
-            logits = model.decode_step(cache, new[:, t])
-
-
 @given(window=st.integers(1, 4), pad=st.integers(0, 3), seed=st.integers(0, 99))
 def test_a_sliding_window_of_w_gives_two_layers_a_receptive_field_of_2w_minus_1_tokens(window, pad, seed):
     """A key in slot j reaches the query in slot i through one layer iff i - w < j <= i, so through two layers
     iff i - 2(w - 1) <= j; left padding shifts the slots, not the field."""
     model = tiny("mistral_window", sliding_window=window)
-    ids, mask = left_padded([12, 12 - pad], seed)
+    ids, mask = left_padded([12, 12 - pad], torch.Generator().manual_seed(seed), VOCAB)
     reach = 2 * (window - 1)
     with torch.no_grad():
         last = model(ids, attention_mask=mask).logits[:, -1]
@@ -143,19 +116,6 @@ def test_a_sliding_window_of_w_gives_two_layers_a_receptive_field_of_2w_minus_1_
             changed[:, j] = (changed[:, j] + 1) % VOCAB
             moved = (model(changed, attention_mask=mask).logits[:, -1] - last).abs().amax(-1) > 1e-4
             assert moved[0] == reached and (moved[1] == reached or j < pad)
-
-
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_a_left_padded_batch_equals_each_row_alone(name):
-    model = tiny(name)
-    ids, mask = left_padded([7, 2, 5], seed=3)
-    with torch.no_grad():
-        batch = model(ids, attention_mask=mask, position_ids=positions_of(mask)).logits
-        generated = model.generate(ids, mask, max_new_tokens=8)
-        for row, n in enumerate(mask.sum(1).tolist()):
-            alone = ids[row:row + 1, -n:]
-            assert_close_rel(batch[row, -n:], model(alone).logits[0])
-            assert torch.equal(generated[row, -8:], model.generate(alone, max_new_tokens=8)[0, -8:])
 
 
 def repeated_key_value_heads(state: dict, groups: int, head_dim: int) -> dict:
@@ -172,7 +132,7 @@ def test_grouped_query_attention_equals_attention_with_repeated_key_value_heads(
     grouped = tiny(name)
     full = tiny(name, num_key_value_heads=4)
     full.load_state_dict(repeated_key_value_heads(grouped.state_dict(), 2, grouped.config.head_dim))
-    ids, mask = left_padded([6, 4], seed=5)
+    ids, mask = left_padded([6, 4], torch.Generator().manual_seed(5), VOCAB)
     with torch.no_grad():
         assert_close_rel(grouped(ids, attention_mask=mask).logits, full(ids, attention_mask=mask).logits)
     assert torch.equal(grouped.generate(ids, mask, max_new_tokens=6), full.generate(ids, mask, max_new_tokens=6))
