@@ -188,28 +188,34 @@ class LoraLayer(nn.Module):
         """(A_stack (n, in, r_max), B_stack (n, r_max, out), scales (n,) fp32) of these adapters, lower
         ranks zero-padded, for kernels.lora_matmul_batched.
 
-        Without autograd the stacks are cached until a factor changes (an in-place update bumps its
-        version counter), so decoding does not rebuild them every step.
+        Without autograd, in eager calls, the stacks are cached until a factor changes (an in-place update
+        bumps its version counter), so decoding does not rebuild them every step; a compiled graph builds
+        them inside the graph instead.
         """
         factors = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
-        key = tuple((id(a), a._version, id(b), b._version, self.scaling[n]) for n, (a, b) in zip(names, factors))
-        tracked = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in factors)
-        if not tracked and self._stacks is not None and self._stacks[0] == key:
-            return self._stacks[1]
+        cacheable = not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in factors))
+        if cacheable:
+            key = tuple((id(a), a._version, id(b), b._version, self.scaling[n]) for n, (a, b) in zip(names, factors))
+            if self._stacks is not None and self._stacks[0] == key:
+                return self._stacks[1]
         r_max = max(a.shape[0] for a, _ in factors)
         A = torch.stack([F.pad(a.T, (0, r_max - a.shape[0])) for a, _ in factors])
         B = torch.stack([F.pad(b.T, (0, 0, 0, r_max - b.shape[1])) for _, b in factors])
         scales = torch.tensor([self.scaling[n] for n in names], dtype=torch.float32, device=A.device)
-        if not tracked:
+        if cacheable:
             self._stacks = (key, (A, B, scales))
         return A, B, scales
 
     def row_index(self, adapter_names, names, device) -> torch.Tensor:
         """(B,) long on `device`: each row's slot among `names` (the stacks' order), -1 for the base alone.
-        Cached while the rows' names stay the same, as through every decode step of a mixed-batch generate."""
+        Cached while the rows' names stay the same, as through every decode step of a mixed-batch generate
+        (in eager calls; a compiled graph holds it as a constant)."""
+        slot = {n: i for i, n in enumerate(names)}
+        if torch.compiler.is_compiling():
+            return torch.tensor([slot.get(n, -1) for n in adapter_names], device=device)
         key = (tuple(adapter_names), tuple(names), device)
         if self._row_index is None or self._row_index[0] != key:
-            slot = {n: i for i, n in enumerate(names)}
             self._row_index = (key, torch.tensor([slot.get(n, -1) for n in adapter_names], device=device))
         return self._row_index[1]
 

@@ -127,11 +127,12 @@ def test_custom_op_registration_passes_opcheck():
     gen = torch.Generator().manual_seed(0)
     args = (torch.randn(7, 12, generator=gen, requires_grad=True), torch.randn(12, 9, generator=gen),
             torch.randn(12, 3, generator=gen, requires_grad=True), torch.randn(3, 9, generator=gen, requires_grad=True),
-            0.5, torch.randn(9, generator=gen, requires_grad=True), 0.0, 0)
+            0.5, torch.randn(9, generator=gen, requires_grad=True), 0.0, None)
+    seed = lambda value: torch.tensor([value])  # the dropout seed, a one-element int64 tensor
     torch.library.opcheck(lora_matmul_op, args)
-    torch.library.opcheck(lora_matmul_op, args[:6] + (0.25, 1234))  # LoRA dropout
+    torch.library.opcheck(lora_matmul_op, args[:6] + (0.25, seed(1234)))  # LoRA dropout
     mixed = (args[0].detach().bfloat16().requires_grad_(), args[1].bfloat16(), *args[2:4], 0.5,
-             args[5].detach().bfloat16().requires_grad_(), 0.25, 7)  # fp32 adapters on bf16
+             args[5].detach().bfloat16().requires_grad_(), 0.25, seed(7))  # fp32 adapters on bf16
     torch.library.opcheck(lora_matmul_op, mixed)
 
 

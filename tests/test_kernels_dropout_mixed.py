@@ -185,7 +185,7 @@ def test_the_custom_ops_autocast_rule_casts_x_w_and_bias_only(backend_name):
     gen = torch.Generator().manual_seed(9)
     x, W, A, B, bias = (torch.randn(*s, generator=gen) for s in ((5, 16), (16, 12), (16, 3), (3, 12), (12,)))
     with backend(backend_name), torch.autocast("cpu", dtype=torch.bfloat16):
-        y, xa = lora_matmul_op(x, W, A, B, 0.5, bias, 0.0, 0)
+        y, xa = lora_matmul_op(x, W, A, B, 0.5, bias, 0.0, None)
     assert y.dtype == torch.bfloat16 and xa.dtype == torch.float32
     x16, W16, b16 = (to64(t.bfloat16()) for t in (x, W, bias))
     np.testing.assert_allclose(to64(xa), x16 @ to64(A), rtol=1e-5, atol=1e-5)

@@ -82,16 +82,32 @@ def _check_scale(scale) -> float:
 
 
 def _check_dropout(dropout_p, seed) -> float:
-    """dropout_p as a float (TypeError unless a real number, ValueError unless 0 <= dropout_p < 1); seed None or
-    an integer in [0, 2**63)."""
+    """dropout_p as a float (TypeError unless a real number, ValueError unless 0 <= dropout_p < 1); seed None,
+    an integer in [0, 2**63) or a one-element int64 tensor."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"lora_matmul: dropout_p must be a real number, got {type(dropout_p).__name__}")
     p = float(dropout_p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"lora_matmul: dropout_p={dropout_p!r} must be in [0, 1)")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
-        raise ValueError(f"lora_matmul: seed={seed!r} must be None or an integer in [0, 2**63)")
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"lora_matmul: a seed tensor must hold one int64, got {seed.dtype} {tuple(seed.shape)}")
+    elif seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise ValueError(f"lora_matmul: seed={seed!r} must be None, an integer in [0, 2**63) or an int64 tensor")
     return p
+
+
+def _device_seed(seed, p: float, device) -> Optional[Tensor]:
+    """The seed as the Triton kernels read it: None without dropout, else a (1,) int64 tensor on `device`;
+    seed None draws it there from torch's generator (torch.manual_seed reproduces a run, and a compiled graph
+    or CUDA graph draws a new one each call, with no host sync)."""
+    if not p:
+        return None
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (1,), device=device)
+    if isinstance(seed, Tensor):
+        return seed.reshape(1).to(device)
+    return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
 def lora_matmul(x: Tensor, W: Tensor, A: Tensor, B: Tensor, scale: float, bias: Optional[Tensor] = None,
@@ -110,9 +126,10 @@ def lora_matmul(x: Tensor, W: Tensor, A: Tensor, B: Tensor, scale: float, bias: 
     dropout_p: LoRA dropout (training): the low-rank path sees keep * x / (1 - p),
     the base path x itself. On the Triton path the mask is a function of the seed
     and each element's coordinates, regenerated in the backward and never stored;
-    the torch path draws it from a generator seeded with `seed`. seed=None takes
-    the randomness from torch's default generator, so torch.manual_seed reproduces
-    a run (the two paths' masks differ).
+    the torch path draws it from a generator seeded with `seed`. seed (an int or a
+    one-element int64 tensor) None takes the randomness from torch's generator, so
+    torch.manual_seed reproduces a run (the two paths' masks differ); the Triton
+    path then draws its seed on x's device, inside a compiled graph.
     Under torch.autocast, x, W and bias take the autocast dtype; A and B keep theirs.
     """
     scale = _check_scale(scale)
@@ -130,9 +147,7 @@ def _lora_matmul(x, W, A, B, scale, bias, dropout_p, seed) -> Tensor:
     p = _check_dropout(dropout_p, seed) if dropout_p is not None else 0.0
     x2 = x if x.dim() == 2 else x.reshape(_rows(x), x.shape[-1])
     if use_triton(x):
-        if seed is None:  # one draw from torch's default generator, so torch.manual_seed reproduces a run
-            seed = int(torch.randint(0, 2**31 - 1, ()).item()) if p else 0
-        y, _ = lora_matmul_op(x2, W, A, B, scale, bias, p, int(seed))
+        y, _ = lora_matmul_op(x2, W, A, B, scale, bias, p, _device_seed(seed, p, x.device))
     else:
         # Plain torch ops: autograd and torch.compile see through them, and eager
         # calls skip the custom op's dispatch cost (about 0.1 ms, a decode step's worth).
@@ -157,13 +172,15 @@ def _check_scales(scales, n: int, device) -> Tensor:
         raise TypeError(f"lora_matmul_batched: scales must be a tensor or a sequence of numbers: {e}") from None
     if scales.shape != (n,):
         raise ValueError(f"lora_matmul_batched: scales has shape {tuple(scales.shape)}, expected ({n},)")
-    if not bool(torch.isfinite(scales).all()):
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(scales).all()):
         raise ValueError(f"lora_matmul_batched: scales must be finite; got {scales.tolist()}")
     return scales
 
 
 def _check_batched(x, w, a_stack, b_stack, scales, adapter_index, bias) -> Tensor:
-    """The checked scales (see _check_scales); ValueError/TypeError naming the operand at fault."""
+    """The checked scales (see _check_scales); ValueError/TypeError naming the operand at fault. The checks
+    of values (finite scales, indices in range) run in eager calls only: under torch.compile they would
+    break the graph."""
     for name, t in (("x", x), ("W", w), ("A_stack", a_stack), ("B_stack", b_stack), ("adapter_index", adapter_index)):
         if not isinstance(t, Tensor):
             raise TypeError(f"lora_matmul_batched: {name} must be a tensor, got {type(t).__name__}")
@@ -179,7 +196,8 @@ def _check_batched(x, w, a_stack, b_stack, scales, adapter_index, bias) -> Tenso
     if adapter_index.dtype not in (torch.int32, torch.int64) or adapter_index.numel() != _rows(x):
         raise ValueError(f"lora_matmul_batched: adapter_index must be int32/int64 with one entry per row of x "
                          f"({_rows(x)}); got {adapter_index.dtype} {tuple(adapter_index.shape)}")
-    if adapter_index.numel() and (int(adapter_index.min()) < -1 or int(adapter_index.max()) >= n):
+    if (adapter_index.numel() and not torch.compiler.is_compiling()
+            and (int(adapter_index.min()) < -1 or int(adapter_index.max()) >= n)):
         raise ValueError(f"lora_matmul_batched: adapter_index values must lie in [-1, {n - 1}]; got "
                          f"[{int(adapter_index.min())}, {int(adapter_index.max())}]")
     return scales

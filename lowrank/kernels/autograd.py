@@ -64,7 +64,7 @@ def _fused(x, w, a, b, scale, bias, dropout_p, seed, dropout):
 # the torch path's seeded generator, and one launch each on the Triton path.
 @torch.library.custom_op("lowrank::lora_matmul_dx", mutates_args=())
 def lora_matmul_dx_op(dy: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, dropout_p: float,
-                      seed: int) -> Tuple[Tensor, Tensor]:
+                      seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """(dX = dY @ W.T + keep/(1-p) * (s * g @ A.T) (M, K), g = dY @ B.T (M, r)) for dy (M, N)."""
     return _fused(dy, w.T, b.T, a.T, scale, None, dropout_p, seed, DROPOUT_OUTPUT)
 
@@ -75,7 +75,7 @@ def _(dy, w, a, b, scale, dropout_p, seed):
 
 
 @torch.library.custom_op("lowrank::lora_dropped_t_matmul", mutates_args=())
-def lora_dropped_t_matmul_op(x: Tensor, g: Tensor, dropout_p: float, seed: int) -> Tensor:
+def lora_dropped_t_matmul_op(x: Tensor, g: Tensor, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
     """D.T @ g (K, r) in g's dtype, D the forward's dropped-out x (M, K), for g (M, r): dA / s."""
     if use_triton(x):
         from .lora_triton import dropped_t_matmul
@@ -91,8 +91,9 @@ def _(x, g, dropout_p, seed):
 
 @torch.library.custom_op("lowrank::lora_matmul", mutates_args=())
 def lora_matmul_op(x: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, bias: Optional[Tensor],
-                   dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
-    """x (M, K), w (K, N), a (K, r), b (r, N), bias (N,) | None -> (y (M, N), xa (M, r) in a's dtype)."""
+                   dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """x (M, K), w (K, N), a (K, r), b (r, N), bias (N,) | None -> (y (M, N), xa (M, r) in a's dtype).
+    seed: the dropout mask's (1,) int64 seed on x's device (None when dropout_p is 0)."""
     return _fused(x, w, a, b, scale, bias, dropout_p, seed, DROPOUT_INPUT)
 
 
@@ -103,14 +104,14 @@ def _(x, w, a, b, scale, bias, dropout_p, seed):
 
 def _setup_context(ctx, inputs, output):
     x, w, a, b, scale, bias, dropout_p, seed = inputs
-    ctx.save_for_backward(x, w, a, b, output[1])
-    ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
+    ctx.save_for_backward(x, w, a, b, output[1], seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, dy: Tensor, _dxa: Tensor):
-    x, w, a, b, xa = ctx.saved_tensors
-    s, p, seed = ctx.scale, ctx.dropout_p, ctx.seed
+    x, w, a, b, xa, seed = ctx.saved_tensors
+    s, p = ctx.scale, ctx.dropout_p
     need_dx, need_dw, need_da, need_db, _, need_dbias = ctx.needs_input_grad[:6]
     dx = dw = da = db = dbias = None
     if need_dx:

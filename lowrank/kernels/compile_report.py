@@ -131,14 +131,14 @@ def _record_target(launches: list, target: int, sites, dtypes, K: int, N: int, s
             x, dy = _meta(M, K, dtype=dtype), _meta(M, N, dtype=dtype)
             w = _meta(N, K, dtype=dtype).T  # an nn.Linear weight seen as (K, N)
             a, b = _meta(R, K, dtype=lora_dtype).T, _meta(N, R, dtype=lora_dtype).T  # PEFT's factors
-            bias = _meta(N, dtype=dtype)
+            bias, seed = _meta(N, dtype=dtype), _meta(1, dtype=torch.int64)
             calls = {
                 f"fwd-{phase}": lambda: lora_triton.lora_fwd(x, w, a, b, 2.0, bias),
-                f"fwd-{phase}-dropout": lambda: lora_triton.lora_fwd(x, w, a, b, 2.0, bias, 0.1, 7),
+                f"fwd-{phase}-dropout": lambda: lora_triton.lora_fwd(x, w, a, b, 2.0, bias, 0.1, seed),
                 f"dx-{phase}": lambda: lora_triton.lora_fwd(dy, w.T, b.T, a.T, 2.0, None),
-                f"dx-{phase}-dropout": lambda: lora_triton.lora_fwd(dy, w.T, b.T, a.T, 2.0, None, 0.1, 7,
+                f"dx-{phase}-dropout": lambda: lora_triton.lora_fwd(dy, w.T, b.T, a.T, 2.0, None, 0.1, seed,
                                                                     DROPOUT_OUTPUT),
-                f"da-{phase}-dropout": lambda: lora_triton.dropped_t_matmul(x, _meta(M, R, dtype=lora_dtype), 0.1, 7),
+                f"da-{phase}-dropout": lambda: lora_triton.dropped_t_matmul(x, _meta(M, R, dtype=lora_dtype), 0.1, seed),
             }
             if lora_dtype == dtype:  # mixed-adapter batches take one dtype
                 stacks = _meta(ADAPTERS, K, R, dtype=dtype), _meta(ADAPTERS, R, N, dtype=dtype)

@@ -25,7 +25,9 @@ are read in place. Ragged edges are masked, never padded.
 LoRA dropout (DROPOUT_INPUT): the low-rank path sees D = keep * x / (1 - p),
 applied by the shrink to the x tiles it loads; keep is Philox (`tl.rand`) of
 (seed, m * K + k), so any kernel regenerates the same mask element by element
-and it is never stored. The backward's dX applies it to its output instead
+and it is never stored. The seed is a one-element int64 tensor the kernels read
+on the device: a compiled graph (or a CUDA graph replay) draws a new one
+without a host sync. The backward's dX applies it to its output instead
 (DROPOUT_OUTPUT: dX = dY @ W.T + keep/(1-p) * s * g @ A.T), and dA = s * D.T @ g
 is the shrink kernel on transposed views with the mask's coordinates swapped.
 
@@ -39,14 +41,14 @@ import triton.language as tl
 
 from . import split_k, tile_configs
 from .tiles import (dot_precision, filled_without_launch, fused_outputs, grouped_tile, k_loop, keep_scale,
-                    launch_tiles, rank_block, rank_product, shrink_blocks, store_tile, tuned, write_output)
+                    launch_tiles, load_seed, rank_block, seed_pointer, rank_product, shrink_blocks, store_tile, tuned, write_output)
 from .torch_path import DROPOUT_INPUT, DROPOUT_OUTPUT, NO_DROPOUT
 
 
 @triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, xa_ptr,
-    M, K, R, seed, p,
+    M, K, R, seed_ptr, p,
     stride_xm, stride_xk, stride_ak, stride_ar, stride_xam, stride_xar, mask_stride_m, mask_stride_k,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -58,14 +60,14 @@ def _shrink_kernel(
     mask_m, mask_r = offs_m < M, offs_r < R
     xa = k_loop(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, offs_m, offs_r, mask_m, mask_r,
                 0, K, stride_xm, stride_xk, stride_ak, stride_ar, PRECISION, BLOCK_K,
-                DROPOUT, seed, p, mask_stride_m, mask_stride_k)
+                DROPOUT, load_seed(seed_ptr, DROPOUT), p, mask_stride_m, mask_stride_k)
     store_tile(xa_ptr, xa, offs_m, offs_r, mask_m, mask_r, stride_xam, stride_xar)
 
 
 @triton.jit
 def _lora_fwd_kernel(
     x_ptr, w_ptr, b_ptr, xa_ptr, bias_ptr, y_ptr,
-    M, N, K, R, scale, seed, p, M_BUCKET,
+    M, N, K, R, scale, seed_ptr, p, M_BUCKET,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_br, stride_bn, stride_xam, stride_xar,
     stride_ym, stride_yn, mask_stride_row, mask_stride_col,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
@@ -84,7 +86,7 @@ def _lora_fwd_kernel(
     acc = rank_product(acc, xa_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_xam, stride_xar,
                        stride_br, stride_bn, LORA_PRECISION, BLOCK_R) * scale
     if DROPOUT == 2:  # DROPOUT_OUTPUT
-        acc = acc * keep_scale(seed, p, offs_m, offs_n, mask_stride_row, mask_stride_col)
+        acc = acc * keep_scale(tl.load(seed_ptr), p, offs_m, offs_n, mask_stride_row, mask_stride_col)
     acc = k_loop(acc, x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, 0, K, stride_xm, stride_xk, stride_wk, stride_wn,
                  PRECISION, BLOCK_K)
     write_output(y_ptr, acc, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn, HAS_BIAS)
@@ -94,12 +96,12 @@ _lora_fwd_tuned = tuned(_lora_fwd_kernel, key=["M_BUCKET", "N", "K", "R", "DROPO
 
 
 def lora_fwd(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-             scale: float, bias=None, dropout_p: float = 0.0, seed: int = 0, dropout: int = DROPOUT_INPUT):
+             scale: float, bias=None, dropout_p: float = 0.0, seed=None, dropout: int = DROPOUT_INPUT):
     """Fused forward on already-checked operands.
 
     x: (M, K); w: (K, N); a: (K, r); b: (r, N); bias: (N,) or None; any strides;
     x, w, bias one floating dtype; a, b that dtype or fp32. With dropout_p > 0,
-    `dropout` says where the mask (of `seed`) applies: DROPOUT_INPUT, the forward's
+    seed is a (1,) int64 tensor on x's device and `dropout` says where its mask applies: DROPOUT_INPUT, the forward's
     x, with mask index m * K + k; DROPOUT_OUTPUT, the backward's dX, whose (M, N)
     output has the forward's x coordinates, with mask index m * N + n.
     Returns (y (M, N) in x's dtype, xa (M, r) in a's dtype).
@@ -117,7 +119,7 @@ def lora_fwd(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     shrink(x, a, xa, dropout_p if mode == DROPOUT_INPUT else 0.0, seed, mask_strides)
     args = (
         x, w, b, xa, bias if bias is not None else y, y,
-        M, N, K, R, float(scale), seed, float(dropout_p), triton.next_power_of_2(M),
+        M, N, K, R, float(scale), seed_pointer(seed, x), float(dropout_p), triton.next_power_of_2(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), b.stride(0), b.stride(1),
         xa.stride(0), xa.stride(1), y.stride(0), y.stride(1), *mask_strides,
     )
@@ -127,17 +129,17 @@ def lora_fwd(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     return y, xa
 
 
-def shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor, dropout_p: float = 0.0, seed: int = 0,
+def shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor, dropout_p: float = 0.0, seed=None,
            mask_strides=(0, 0)) -> torch.Tensor:
     """out (M, r) = D @ a for x (M, K), a (K, r), any strides, K > 0; D = x, or with dropout_p > 0 x times
-    the mask of `seed`, whose index for x[m, k] is m * mask_strides[0] + k * mask_strides[1]. Used for xa
+    the mask of `seed` (a (1,) int64 tensor), whose index for x[m, k] is m * mask_strides[0] + k * mask_strides[1]. Used for xa
     in the forward and, on transposed views, for dA = D.T @ g in the backward."""
     M, K = x.shape
     R = a.shape[1]
     block_m, block_k = shrink_blocks(M)
     block_r = rank_block(R)
     _shrink_kernel[(triton.cdiv(M, block_m), triton.cdiv(R, block_r))](
-        x, a, out, M, K, R, seed, float(dropout_p),
+        x, a, out, M, K, R, seed_pointer(seed, x), float(dropout_p),
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1), *mask_strides,
         DROPOUT=dropout_p > 0, PRECISION=dot_precision(a.dtype), BLOCK_M=block_m, BLOCK_K=block_k,
         BLOCK_R=block_r,
@@ -145,7 +147,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor, dropout_p: float
     return out
 
 
-def dropped_t_matmul(x: torch.Tensor, g: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+def dropped_t_matmul(x: torch.Tensor, g: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:
     """D.T @ g, (K, r), for x (M, K), g (M, r): the shrink kernel on x.T, the mask read at x's coordinates
     (index m * K + k), in g's dtype: the backward's dA / s."""
     M, K = x.shape

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import tile_configs
 from .tiles import (INTERPRET_BLOCKS, dot_precision, grouped_tile, interpreting, k_loop, keep_scale, launch_tiles,
-                    rank_block, store_tile, sum_splits, tile_count, tile_ptrs, tuned, write_output)
+                    load_seed, rank_block, seed_pointer, store_tile, sum_splits, tile_count, tile_ptrs, tuned, write_output)
 from .torch_path import DROPOUT_INPUT, DROPOUT_OUTPUT
 
 # Ranks above this take the prefill path at any M: the epilogue holds all of xa's rank in registers.
@@ -64,7 +64,7 @@ def _slice_shrink(x_ptr, a_ptr, xa_part_ptr, row_block, M, R, k_begin, k_end, sp
 @triton.jit
 def _split_k_kernel(
     x_ptr, w_ptr, a_ptr, part_ptr, xa_part_ptr, nsplit_ptr,
-    M, N, K, R, seed, p, M_BUCKET,
+    M, N, K, R, seed_ptr, p, M_BUCKET,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_ak, stride_ar, mask_stride_row, mask_stride_col,
     SHRINK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -82,7 +82,8 @@ def _split_k_kernel(
     k_end = tl.minimum(K, k_begin + k_per_split)
     if SHRINK:
         if pid >= tiles:
-            _slice_shrink(x_ptr, a_ptr, xa_part_ptr, pid - tiles, M, R, k_begin, k_end, split, seed, p,
+            _slice_shrink(x_ptr, a_ptr, xa_part_ptr, pid - tiles, M, R, k_begin, k_end, split,
+                          load_seed(seed_ptr, DROPOUT), p,
                           stride_xm, stride_xk, stride_ak, stride_ar, mask_stride_row, mask_stride_col,
                           DROPOUT, LORA_PRECISION, BLOCK_M, BLOCK_R)
         else:
@@ -98,7 +99,7 @@ def _split_k_kernel(
 @triton.jit
 def _split_k_epilogue_kernel(
     part_ptr, xa_part_ptr, nsplit_ptr, b_ptr, bias_ptr, y_ptr, xa_ptr,
-    M, N, R, scale, seed, p,
+    M, N, R, scale, seed_ptr, p,
     stride_br, stride_bn, stride_xam, stride_xar, stride_ym, stride_yn, mask_stride_row, mask_stride_col,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -119,7 +120,7 @@ def _split_k_epilogue_kernel(
                 other=0.0)
     lora = tl.dot(xa, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), input_precision=LORA_PRECISION)
     if DROPOUT:
-        lora = lora * keep_scale(seed, p, offs_m, offs_n, mask_stride_row, mask_stride_col)
+        lora = lora * keep_scale(tl.load(seed_ptr), p, offs_m, offs_n, mask_stride_row, mask_stride_col)
     acc += scale * lora
     write_output(y_ptr, acc, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn, HAS_BIAS)
 
@@ -127,7 +128,7 @@ def _split_k_epilogue_kernel(
 _split_k_tuned = tuned(_split_k_kernel, key=["M_BUCKET", "N", "K", "R", "SHRINK", "DROPOUT", "PRECISION"])
 
 
-def split_k_partials(x: torch.Tensor, w: torch.Tensor, a=None, dropout_p: float = 0.0, seed: int = 0,
+def split_k_partials(x: torch.Tensor, w: torch.Tensor, a=None, dropout_p: float = 0.0, seed=None,
                      mask_strides=(0, 0)):
     """Run `_split_k_kernel` on x (M, K), w (K, N) and, given a (K, r), the shrink of D (x, masked with
     dropout_p > 0). Returns (part (splits, M, N) fp32, xa_part (splits, M, r) fp32 or None, nsplit (1,)
@@ -146,7 +147,7 @@ def split_k_partials(x: torch.Tensor, w: torch.Tensor, a=None, dropout_p: float 
     lora = a if a is not None else x  # an unread pointer without the shrink
     args = (
         x, w, lora, part, xa_part if a is not None else part, nsplit,
-        M, N, K, R, seed, float(dropout_p), triton.next_power_of_2(M),
+        M, N, K, R, seed_pointer(seed, x), float(dropout_p), triton.next_power_of_2(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), lora.stride(0), lora.stride(1), *mask_strides,
     )
     flags = dict(SHRINK=a is not None, DROPOUT=dropout_p > 0, PRECISION=precision,
@@ -168,7 +169,7 @@ def launch_epilogue(kernel, M: int, N: int, R: int, args: tuple, flags: dict) ->
         *args, **flags, BLOCK_M=block_m, BLOCK_N=EPILOGUE_BLOCK_N, BLOCK_R=rank_block(R), num_warps=4)
 
 
-def lora_decode_fwd(x, w, a, b, scale: float, bias, y, xa, dropout_p: float, seed: int, mode: int,
+def lora_decode_fwd(x, w, a, b, scale: float, bias, y, xa, dropout_p: float, seed, mode: int,
                     mask_strides) -> None:
     """lora_fwd (kernels/lora_triton.py) for M <= DECODE_MAX_M, R <= DECODE_MAX_R: fills y (M, N) and
     xa (M, r); mode is the dropout mode (NO_DROPOUT when dropout_p is 0)."""
@@ -178,6 +179,6 @@ def lora_decode_fwd(x, w, a, b, scale: float, bias, y, xa, dropout_p: float, see
     launch_epilogue(
         _split_k_epilogue_kernel, M, N, R,
         (part, xa_part, nsplit, b, bias if bias is not None else y, y, xa,
-         M, N, R, float(scale), seed, dropout_p,
+         M, N, R, float(scale), seed_pointer(seed, x), dropout_p,
          b.stride(0), b.stride(1), xa.stride(0), xa.stride(1), y.stride(0), y.stride(1), *mask_strides),
         dict(HAS_BIAS=bias is not None, DROPOUT=mode == DROPOUT_OUTPUT, LORA_PRECISION=dot_precision(a.dtype)))

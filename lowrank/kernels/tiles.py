@@ -39,6 +39,22 @@ if interpreting():
 INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
 
+def seed_pointer(seed, placeholder: torch.Tensor) -> torch.Tensor:
+    """What a kernel's seed_ptr receives: the (1,) int64 seed tensor, or without one (no dropout, the
+    pointer is never read) any tensor of the launch."""
+    return placeholder if seed is None else seed
+
+
+@triton.jit
+def load_seed(seed_ptr, DROPOUT: tl.constexpr):
+    """LoRA dropout's seed, read on the device (a one-element int64 tensor), so that a compiled graph or a
+    CUDA graph replay draws a new one without a host sync; 0 (nothing read) without dropout."""
+    if DROPOUT:
+        return tl.load(seed_ptr)
+    else:
+        return 0
+
+
 @triton.jit
 def keep_scale(seed, p, offs_row, offs_col, mask_stride_row, mask_stride_col):
     """keep / (1 - p) in fp32 for a (rows, cols) tile: LoRA dropout's mask at these coordinates, where the

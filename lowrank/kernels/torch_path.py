@@ -13,17 +13,18 @@ import torch.nn.functional as F
 NO_DROPOUT, DROPOUT_INPUT, DROPOUT_OUTPUT = 0, 1, 2
 
 
-def keep_scale(seed: int, shape, p: float, device, dtype) -> torch.Tensor:
+def keep_scale(seed, shape, p: float, device, dtype) -> torch.Tensor:
     """keep / (1 - p), `shape` (M, K): the torch path's dropout mask, drawn from a private generator seeded
-    with `seed`, so the backward regenerates the forward's mask instead of storing it."""
-    generator = torch.Generator(device=device).manual_seed(seed)
+    with `seed` (an int, or the kernels' one-element seed tensor), so the backward regenerates the forward's
+    mask instead of storing it."""
+    generator = torch.Generator(device=device).manual_seed(int(seed))
     keep = torch.rand(shape, generator=generator, device=device) >= p
     return keep.to(dtype) / (1 - p)
 
 
 def lora_fwd_torch(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                    scale: float, bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                   seed: Optional[int] = 0, dropout: int = DROPOUT_INPUT):
+                   seed=0, dropout: int = DROPOUT_INPUT):
     """x (M, K), w (K, N), a (K, r), b (r, N), any strides -> (y (M, N) in x's dtype, xa (M, r) in a's).
 
     x, w, bias share a dtype; a, b have it too or are fp32 (the low-rank term is then added in fp32, to
@@ -48,7 +49,7 @@ def lora_fwd_torch(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.T
     return y.to(a.dtype).addmm_(xa, b, alpha=scale).to(x.dtype), xa
 
 
-def dropped_t_matmul_torch(x: torch.Tensor, g: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+def dropped_t_matmul_torch(x: torch.Tensor, g: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:
     """D.T @ g, (K, r), for x (M, K) and g (M, r): D = x times the mask of `seed` (x alone for p = 0),
     in g's dtype: the backward's dA / s."""
     d = x.to(g.dtype)
@@ -60,21 +61,22 @@ def dropped_t_matmul_torch(x: torch.Tensor, g: torch.Tensor, dropout_p: float, s
 def lora_batched_fwd_torch(x: torch.Tensor, w: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
                            scales: torch.Tensor, adapter_index: torch.Tensor,
                            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mixed-adapter y (M, N): the base product for every row, then each adapter's rows updated.
+    """Mixed-adapter y (M, N): the base product for every row plus its own adapter's low-rank term.
 
-    x (M, K), w (K, N), a_stack (n, K, r), b_stack (n, r, N), scales (n,),
-    adapter_index (M,) with -1 = base only. Differentiable through torch autograd. With 16-bit operands the
-    low-rank terms are computed and added in fp32 and y is rounded once, as the kernels do (so the backward,
-    through the same ops, rounds each gradient once too).
+    x (M, K), w (K, N), a_stack (n, K, r), b_stack (n, r, N), scales (n,), adapter_index (M,) with -1 =
+    base only. The n adapters run as one product of rank n * r, A = [A_0 | A_1 | ...] and B = [B_0; B_1; ...],
+    with each row's columns of the other adapters zeroed: no loop over the adapters present, so nothing reads
+    the index on the host and torch.compile traces it whole. Differentiable through torch autograd. With
+    16-bit operands the low-rank terms are computed and added in fp32 and y is rounded once, as the kernels
+    do (so the backward, through the same ops, rounds each gradient once too).
     """
+    n, K, r = a_stack.shape
     y = x @ w if bias is None else torch.addmm(bias, x, w)
     low = y.element_size() == 2
-    acc = y.float() if low else y
-    for i in adapter_index.unique().tolist():
-        if i < 0:
-            continue
-        rows = (adapter_index == i).nonzero().squeeze(1)
-        xr, a, b = x.index_select(0, rows), a_stack[i], b_stack[i]
-        delta = (xr.float() @ a.float()) @ b.float() if low else (xr @ a) @ b
-        acc.index_add_(0, rows, delta, alpha=float(scales[i]))
+    dtype = torch.float32 if low else y.dtype
+    column_adapter = torch.arange(n, device=x.device).repeat_interleave(r)  # (n r,): the adapter of each column
+    own = adapter_index[:, None] == column_adapter  # (M, n r)
+    xa = (x.to(dtype) @ a_stack.permute(1, 0, 2).reshape(K, n * r).to(dtype)) * own
+    row_scale = scales.to(dtype)[adapter_index.clamp(min=0)] * (adapter_index >= 0)  # (M,)
+    acc = y.to(dtype).addcmul_(row_scale[:, None], xa @ b_stack.reshape(n * r, -1).to(dtype))
     return acc.to(y.dtype) if low else acc

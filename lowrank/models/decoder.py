@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cache import ConcatCache, KVCache, past_length
-from .inputs import check_attention_mask, check_inputs, check_mask, check_positions, check_token_ids
+from .inputs import check_attention_mask, check_inputs, check_mask, check_positions, check_token_ids, key_mask_of
 from .outputs import ModelOutput
 from .pretrained import PreTrainedModel
 
@@ -116,7 +116,7 @@ class DecoderModel(PreTrainedModel):
             position_ids = torch.arange(n_past, n_past + T, device=device)[None]
         check_attention_mask(attention_mask, "attention_mask", (B, n_past + T),
                              f"batch, {n_past} past + {T} new tokens")
-        key_mask = attention_mask.bool() if attention_mask is not None and not attention_mask.all() else None
+        key_mask = key_mask_of(attention_mask)
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         return self.body(input_ids, inputs_embeds, position_ids, key_mask, cache, **extra), cache
 
@@ -199,7 +199,7 @@ class CausalLM(DecoderModel):
         self.check_length(P, T)
         check_attention_mask(attention_mask, "attention_mask", (B, P + T), f"batch, {P} prefix + {T} new tokens")
         weight = self.lm_head.weight
-        key_mask = attention_mask.bool() if attention_mask is not None and not attention_mask.all() else None
+        key_mask = key_mask_of(attention_mask)
         if key_mask is None:
             position_ids = torch.arange(P, P + T, device=weight.device).expand(B, T)
         else:

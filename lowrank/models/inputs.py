@@ -1,7 +1,17 @@
 """The checks every model's forward runs on its inputs, once, before any layer: ValueError or TypeError
 naming the argument, its shape or the offending value (a token id past the vocabulary would otherwise be a
-bare IndexError on the CPU and a device-side assert on a GPU)."""
+bare IndexError on the CPU and a device-side assert on a GPU).
+
+Shapes, dtypes and types are checked everywhere. Checks that read tensor values run in eager calls only
+(`values_checked`): reading a value is a host sync, and under torch.compile a graph break; a compiled model
+meets the same inputs in eager first when a user debugs it, and the shape checks still run at trace time.
+"""
 import torch
+
+
+def values_checked() -> bool:
+    """Whether checks that read tensor values run here: in eager calls, not while torch.compile traces."""
+    return not torch.compiler.is_compiling()
 
 
 def check_token_ids(ids: torch.Tensor, name: str, vocab_size: int, allowed=()) -> None:
@@ -16,6 +26,8 @@ def check_token_ids(ids: torch.Tensor, name: str, vocab_size: int, allowed=()) -
                          f"use {name}[None]")
     if 0 in ids.shape:
         raise ValueError(f"{name} has shape {tuple(ids.shape)}: needs at least one row and one token")
+    if not values_checked():
+        return
     bad = (ids < 0) | (ids >= vocab_size)
     for value in allowed:
         bad &= ids != value
@@ -58,7 +70,7 @@ def check_mask(mask, name: str, shape: tuple, what: str) -> None:
 def check_attention_mask(mask, name: str, shape: tuple, what: str) -> None:
     """check_mask, and every value 0 or 1 (a NaN or a 2 is no mask: it would be read as ones)."""
     check_mask(mask, name, shape, what)
-    if mask is not None and bool(((mask != 0) & (mask != 1)).any()):
+    if mask is not None and values_checked() and bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError(f"{name} must hold 0 (padding) and 1 (a real token) only, got values "
                          f"{sorted(set(mask[(mask != 0) & (mask != 1)].flatten().tolist()))[:5]}")
 
@@ -74,6 +86,16 @@ def check_positions(position_ids, n_positions: int, batch: int, length: int) -> 
             or position_ids.shape[0] not in (1, batch):
         raise ValueError(f"position_ids has shape {tuple(position_ids.shape)} and dtype {position_ids.dtype}, "
                          f"expected integers of shape ({batch} or 1, {length})")
-    if bool(((position_ids < 0) | (position_ids >= n_positions)).any()):
+    if values_checked() and bool(((position_ids < 0) | (position_ids >= n_positions)).any()):
         raise ValueError(f"position_ids holds {int(position_ids.min())}..{int(position_ids.max())}, outside "
                          f"[0, n_positions={n_positions})")
+
+
+def key_mask_of(attention_mask):
+    """attention_mask (B, T) (checked) -> the bool key mask the bodies take: None (every key real, so SDPA
+    takes its causal fast path) when the mask is absent or, in eager calls, all ones. Under torch.compile a
+    given mask is always kept: whether it is all ones is a value, and branching on it would break the graph
+    (the results agree; SDPA then applies the mask instead of is_causal)."""
+    if attention_mask is None or (values_checked() and bool(attention_mask.all())):
+        return None
+    return attention_mask.bool()
