@@ -10,6 +10,7 @@ decode step torch.compile traces as one graph.
 Compiled tests use backend="aot_eager" (dynamo's tracing and AOT autograd, no code generation), one small
 test inductor, one (CUDA only) mode="reduce-overhead".
 """
+import copy
 import functools
 
 import pytest
@@ -197,13 +198,12 @@ def test_cli_generate_compile_prints_the_eager_generation_through_inductor(tmp_p
 @pytest.mark.cuda
 def test_reduce_overhead_cuda_graphs_give_the_eager_tokens_without_recompiling():
     """compile=True on CUDA: mode="reduce-overhead", the step replayed as a CUDA graph."""
-    model = decoder("mistral_window").cuda()
+    model = copy.deepcopy(decoder("mistral_window")).cuda()
     for lengths in [(3, 7), (9, 2)]:
         ids, mask = (t if t is None else t.cuda() for t in prompts(lengths))
         compiled = model.generate(ids, mask, max_new_tokens=STEPS, cache_implementation="static", compile=True)
         assert torch.equal(compiled, model.generate(ids, mask, max_new_tokens=STEPS)), lengths
     assert_one_graph_no_recompiles()
-    model.cpu()
 
 
 def test_compile_needs_a_static_cache_and_options_are_checked():

@@ -58,13 +58,13 @@ def decode_one_token(model, cache, tokens):
 _compiled = {}  # repr of torch.compile's options -> decode_one_token compiled with them
 
 
-def compiled_decode(compile):
+def compiled_decode(compile, device):
     """decode_one_token compiled with `compile`: True (torch.compile's defaults; "reduce-overhead", CUDA
-    graphs, on CUDA) or a dict of torch.compile's keyword arguments; fullgraph unless the dict says otherwise.
-    Kept per options, so later calls reuse the graphs (torch.compile's cache holds them per compiled
-    function)."""
+    graphs, on a CUDA `device`) or a dict of torch.compile's keyword arguments; fullgraph unless the dict says
+    otherwise. Kept per options, so later calls reuse the graphs (torch.compile's cache holds them per
+    compiled function)."""
     if compile is True:
-        compile = {"mode": "reduce-overhead"} if torch.cuda.is_available() else {}
+        compile = {"mode": "reduce-overhead"} if device.type == "cuda" else {}
     options = {"fullgraph": True, **compile}
     key = repr(sorted(options.items()))
     if key not in _compiled:
@@ -143,7 +143,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample
     cache, logits = model.prefill(input_ids, attention_mask, **static)
     decode = model.decode_step
     if compile is not False:
-        step_function = compiled_decode(compile)
+        step_function = compiled_decode(compile, input_ids.device)
         decode = lambda cache, tokens: step_function(model, cache, tokens)
     for step in range(max_new_tokens):
         tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
