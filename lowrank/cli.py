@@ -2,7 +2,7 @@
 
     lowrank finetune MODEL_DIR DATA_FILE --output-dir OUT [--method lora --r 8 ...] [training options]
     lowrank finetune MODEL_DIR DATA_FILE --output-dir OUT --task seq-cls [--text-column text --label-column label]
-    lowrank generate MODEL_DIR --prompt TEXT [--adapter DIR ...]
+    lowrank generate MODEL_DIR --prompt TEXT [--adapter DIR ...] [--compile]
     lowrank merge MODEL_DIR ADAPTER_DIR OUTPUT_DIR
     lowrank info PATH
 
@@ -221,6 +221,8 @@ def generate(args) -> None:
         raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens")
     settings = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if args.compile:
+        settings.update(cache_implementation="static", compile=True)
     texts = []
     for folder in args.adapter or [None]:
         peft = model if folder is None else PeftModel.from_pretrained(model, folder)
@@ -391,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=probability, help="with --do-sample: sample from the smallest set holding mass p")
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument("--compile", action="store_true",
+                   help="decode on a static KV cache with a compiled step (torch.compile; CUDA graphs on CUDA)")
     p.set_defaults(run=generate)
 
     p = commands.add_parser("merge", help="fold a LoRA adapter into the weights: a plain checkpoint")

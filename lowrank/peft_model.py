@@ -72,7 +72,8 @@ class PeftModel(nn.Module):
 
     def generate(self, *args, adapter_names=None, **kwargs):
         """The base model's generate; with adapter_names every decode step keeps each row's adapter; with a
-        soft prompt the prompt goes in at prefill and the output holds only real tokens."""
+        soft prompt the prompt goes in at prefill and the output holds only real tokens. cache_implementation=
+        "static" and compile= (models.generate) trace the active LoRA layers into the compiled decode step."""
         return self.method.generate(self._active, self.peft_config, args, kwargs, adapter_names)
 
     @contextmanager

@@ -286,9 +286,11 @@ class PromptedGeneration:
         self.model, self.prompt_config, self.prompt = model, prompt_config, prompt
         self.config = model.config
 
-    def prefill(self, input_ids, attention_mask=None):
+    def prefill(self, input_ids, attention_mask=None, **cache_options):
+        """cache_options: the model's prefill's (cache_implementation, max_new_tokens, max_cache_len)."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
-        return self.model.prefill(**prompt_inputs(self.model, self.prompt_config, self.prompt(), inputs))
+        return self.model.prefill(**prompt_inputs(self.model, self.prompt_config, self.prompt(), inputs),
+                                  **cache_options)
 
     def decode_step(self, cache, tokens):
         return self.model.decode_step(cache, tokens)

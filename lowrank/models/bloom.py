@@ -19,7 +19,7 @@ from .activations import ACTIVATIONS
 from .classification import SequenceClassifier
 from .config import ModelConfig
 from .decoder import CausalLM, DecoderModel
-from .masks import attention_mask_for
+from .masks import attention_mask_for, slots
 
 # transformers' bloom_gelu_forward is the tanh approximation, its sqrt(2/pi) rounded to 0.79788456.
 bloom_gelu = ACTIVATIONS["gelu_pytorch_tanh"]
@@ -93,26 +93,28 @@ def alibi_slopes(n_head: int, device=None) -> torch.Tensor:
     return torch.cat([base(-8 / m) ** powers, base(-4 / m) ** odd_powers])
 
 
-def key_positions(key_mask, n_keys: int, device) -> torch.Tensor:
+def key_positions(key_mask, key_slots) -> torch.Tensor:
     """(B or 1, n_keys): each key's index among the real keys of its row, 0 at padding ((cumsum(mask) - 1) *
-    mask, as transformers' build_alibi_tensor); key_mask None: every key real, 0..n_keys-1."""
+    mask, as transformers' build_alibi_tensor); key_mask None: every key real, its slot (key_slots (n_keys,))."""
     if key_mask is None:
-        return torch.arange(n_keys, device=device)[None]
+        return key_slots[None]
     mask = key_mask.long()
     return (mask.cumsum(-1) - 1) * mask
 
 
-def alibi_attention_bias(key_mask, n_new: int, n_keys: int, n_head: int, dtype, device) -> torch.Tensor:
-    """The float attn_mask of SDPA for n_new queries over n_keys keys: slope_h * key position (rounded to
-    dtype, as transformers' alibi tensor), finfo(dtype).min where attention_mask_for forbids the key.
+def alibi_attention_bias(cache, key_mask, n_new: int, n_head: int, dtype, device) -> torch.Tensor:
+    """The float attn_mask of SDPA for n_new queries written to `cache` (models.masks.slots): slope_h * key
+    position (rounded to dtype, as transformers' alibi tensor), finfo(dtype).min where attention_mask_for
+    forbids the key.
 
     key_mask: None or (B, n_keys) bool. Returns (B or 1, n_head, 1 or n_new, n_keys).
     """
-    positions = key_positions(key_mask, n_keys, device)
+    query, key = slots(cache, n_new, device)
+    positions = key_positions(key_mask, key)
     bias = (alibi_slopes(n_head, device)[:, None] * positions[:, None, :]).to(dtype)[:, :, None, :]
-    allowed, is_causal = attention_mask_for(key_mask, n_new, n_keys, device)
+    allowed, is_causal = attention_mask_for(cache, key_mask, n_new, device)
     if is_causal:
-        allowed = torch.ones(n_new, n_keys, dtype=torch.bool, device=device).tril(n_keys - n_new)
+        allowed = key <= query[:, None]
     return bias if allowed is None else bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
@@ -177,12 +179,11 @@ class BloomModel(nn.Module):
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids, inputs_embeds, position_ids, key_mask, cache):
-        """input_ids (B, T) or inputs_embeds (B, T, C); key_mask: None or (B, n_past + T) -> hidden states
-        (B, T, C). position_ids are unused: ALiBi's positions come from key_mask."""
+        """input_ids (B, T) or inputs_embeds (B, T, C); key_mask: None or (B, n_past + T), (B, L)
+        with a StaticCache -> hidden states (B, T, C). position_ids are unused: ALiBi's positions come from key_mask."""
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         x = self.word_embeddings_layernorm(x)
-        n_keys = (cache.length if cache is not None else 0) + x.size(1)
-        bias = alibi_attention_bias(key_mask, x.size(1), n_keys, self.n_head, x.dtype, x.device)
+        bias = alibi_attention_bias(cache, key_mask, x.size(1), self.n_head, x.dtype, x.device)
         for block in self.h:
             x = block(x, bias, cache)
         return self.ln_f(x)

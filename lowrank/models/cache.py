@@ -1,12 +1,14 @@
 """Attention key/value caches, one design for every model (gpt-fast's KVCache is the model).
 
-Both keep one (k, v) per layer, each (B, H, T, head_dim), and give a layer `update(layer, k, v) -> (all k,
+Each keeps one (k, v) per layer, each (B, H, T, head_dim), and gives a layer `update(layer, k, v) -> (all k,
 all v)`: the new keys and values appended to what is held.
 
 ConcatCache: the public `past_key_values` layout, extended by concatenation, so gradients flow into a learned
 prefix held in it (prefix tuning); what a model's forward(use_cache=True) returns.
 KVCache: preallocated buffers written in place, for generation: one step appends one token without copying
 what is held (capacity doubles when full, up to max_length).
+StaticCache: buffers of one fixed length written at a slot held in a tensor, for a compiled decode step: a
+step reads no Python number that changes, so one graph serves every step (models.masks.attention_mask).
 """
 from typing import Optional
 
@@ -84,6 +86,10 @@ class KVCache:
             pad = self.key_mask.new_ones(self.key_mask.size(0), capacity - self.key_mask.size(1))
             self.key_mask = torch.cat([self.key_mask, pad], dim=1)
 
+    def key_mask_for(self, n_new: int):
+        """The key mask of n_new queries about to be written: None or (B, length + n_new)."""
+        return None if self.key_mask is None else self.key_mask[:, : self.length + n_new]
+
     def update(self, layer: int, k, v):
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length : end] = k
@@ -101,3 +107,71 @@ class KVCache:
         for layer, (k, v, *_) in enumerate(past or ()):
             self.update(layer, k, v)
         self.advance(past_length(past, self.k.size(0)) if past else 0)
+
+
+class StaticCache:
+    """k, v buffers (n_layer, B, H, L, head_dim) of a fixed length L, zero where unwritten (an unwritten value
+    meets a zero attention weight: zero, not a stray NaN, keeps the product 0). Layers write at `slot`, and
+    attend over all L slots: models.masks.attention_mask hides the slots after the query's.
+
+    slot: () long, the next slot to write; positions: (B,) long, each row's next position id; key_mask: (B, L)
+    bool, True for a real key (keys written later are real), held even when no key is padding, so that padded
+    and unpadded batches share one compiled step. All are tensors updated in place, marked static for CUDA
+    graphs (their addresses stay; a new cache re-records a graph, it does not recompile).
+    """
+
+    def __init__(self, n_layer: int, batch: int, heads: int, head_dim: int, max_cache_len: int, dtype, device,
+                 key_mask: Optional[torch.Tensor] = None):
+        shape = (n_layer, batch, heads, max_cache_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slot = torch.zeros((), dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.key_mask = torch.ones(batch, max_cache_len, dtype=torch.bool, device=device)
+        if key_mask is not None:
+            self.key_mask[:, : key_mask.size(1)] = key_mask.bool()
+        for t in (self.k, self.v, self.slot, self.positions, self.key_mask):
+            torch._dynamo.mark_static_address(t)
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.k.size(3)
+
+    def key_mask_for(self, n_new: int):
+        """The key mask of every slot, whatever n_new: (B, L)."""
+        return self.key_mask
+
+    def update(self, layer: int, k, v):
+        """k, v (B, H, T, head_dim) written at slots slot..slot+T-1 -> this layer's whole buffers (B, H, L,
+        head_dim)."""
+        slots = self.slot + torch.arange(k.size(2), device=k.device)
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n: int, next_positions=None) -> None:
+        """Mark n written tokens; next_positions (B,): position ids of the next token."""
+        self.slot.add_(n)
+        if next_positions is not None:
+            self.positions.copy_(next_positions)
+
+    def load(self, past) -> None:
+        """Write past (one (k, v, ...) per layer, each (B, H, P, head_dim): a learned prefix) at slots 0..P-1."""
+        for layer, (k, v, *_) in enumerate(past or ()):
+            self.update(layer, k, v)
+        self.advance(past_length(past, self.k.size(0)) if past else 0)
+
+
+def static_cache_len(needed: int, max_cache_len: Optional[int] = None, limit: Optional[int] = None,
+                     minimum: int = 256) -> int:
+    """The length of a StaticCache that must hold `needed` tokens: max_cache_len when given (ValueError when
+    it is shorter), else `needed` rounded up to a power of two of at least `minimum`, so that prompts of other
+    lengths reuse the cache's shape (and a decode step compiled for it); at most `limit` (the model's
+    positions, None: no limit), which the caller has checked `needed` against."""
+    if max_cache_len is not None:
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < needed:
+            raise ValueError(f"max_cache_len={max_cache_len!r} must be an integer >= {needed} (the prompt, any "
+                             f"prefix and the new tokens but the last)")
+        return max_cache_len
+    length = max(minimum, 1 << (needed - 1).bit_length())
+    return length if limit is None else max(needed, min(length, limit))

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import ConcatCache, KVCache, past_length
+from .cache import ConcatCache, KVCache, StaticCache, past_length, static_cache_len
 from .inputs import check_attention_mask, check_inputs, check_mask, check_positions, check_token_ids, key_mask_of
 from .outputs import ModelOutput
 from .pretrained import PreTrainedModel
@@ -183,14 +183,17 @@ class CausalLM(DecoderModel):
     def generation_prefix(self, input_ids):
         return input_ids
 
-    def prefill(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None):
+    def prefill(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None,
+                cache_implementation="dynamic", max_new_tokens=0, max_cache_len=None):
         """input_ids (B, T) or inputs_embeds (B, T, C), left-padded where attention_mask is 0
-        -> (KVCache, next-token logits (B, V)).
+        -> (KVCache or StaticCache, next-token logits (B, V)).
 
         past_key_values: a learned prefix that every token attends to, one (k, v) per layer, each
         (B, H_kv, P, head_dim) (forward's layout); attention_mask then covers P + T keys.
         Position ids count real keys only (cumsum(mask) - 1, clamped at 0), as transformers' generate does,
         so the tokens sit at positions P.. as in `forward`.
+        cache_implementation "static": a StaticCache with room for max_new_tokens more (models.cache.
+        static_cache_len; max_cache_len its length), the positions they need checked here, not per step.
         """
         c = self.config
         B, T = check_inputs(input_ids, inputs_embeds, c.vocab_size, c.hidden_size)
@@ -205,19 +208,26 @@ class CausalLM(DecoderModel):
         else:
             position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
         limit = self.max_positions
-        capacity = max(64, 2 * (P + T)) if limit is None else min(limit, max(64, 2 * (P + T)))
-        cache = KVCache(layers, B, heads, head_dim, capacity, weight.dtype, weight.device, key_mask, max_length=limit)
+        if cache_implementation == "static":
+            self.check_length(P + T, max(max_new_tokens - 1, 0))  # the last new token is never fed back
+            length = static_cache_len(P + T + max(max_new_tokens - 1, 0), max_cache_len, limit)
+            cache = StaticCache(layers, B, heads, head_dim, length, weight.dtype, weight.device, key_mask)
+        else:
+            capacity = max(64, 2 * (P + T)) if limit is None else min(limit, max(64, 2 * (P + T)))
+            cache = KVCache(layers, B, heads, head_dim, capacity, weight.dtype, weight.device, key_mask,
+                            max_length=limit)
         cache.load(past_key_values)
-        x = self.body(input_ids, inputs_embeds, position_ids, key_mask, cache)
+        x = self.body(input_ids, inputs_embeds, position_ids, cache.key_mask_for(T), cache)
         cache.advance(T, position_ids[:, -1] + 1)
         return cache, self.lm_head(x[:, -1])
 
-    def decode_step(self, cache: KVCache, tokens):
-        """tokens (B,) -> next-token logits (B, V); appends to the cache in place."""
-        self.check_length(cache.length, 1)
-        cache.reserve(1)
-        key_mask = None if cache.key_mask is None else cache.key_mask[:, : cache.length + 1]
-        x = self.body(tokens[:, None], None, cache.positions[:, None], key_mask, cache)
+    def decode_step(self, cache, tokens):
+        """tokens (B,) -> next-token logits (B, V); appends to the cache (KVCache or StaticCache) in place.
+        With a StaticCache it reads no Python number that changes per step: one compiled graph serves all."""
+        if isinstance(cache, KVCache):  # a StaticCache's room was made and checked at prefill
+            self.check_length(cache.length, 1)
+            cache.reserve(1)
+        x = self.body(tokens[:, None], None, cache.positions[:, None], cache.key_mask_for(1), cache)
         cache.advance(1, cache.positions + 1)
         return self.lm_head(x[:, -1])
 

@@ -198,10 +198,9 @@ class GPTNeoModel(nn.Module):
 
     def forward(self, input_ids, inputs_embeds, position_ids, key_mask, cache, token_type_ids=None):
         """input_ids (B, T) or inputs_embeds (B, T, C); position_ids (B or 1, T); key_mask: None or
-        (B, n_past + T) -> hidden states (B, T, C)."""
+        (B, n_past + T), (B, L) with a StaticCache -> hidden states (B, T, C)."""
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
-        n_keys = (cache.length if cache is not None else 0) + x.size(1)
-        masks = {kind: attention_mask_for(key_mask, x.size(1), n_keys, x.device, window=window)
+        masks = {kind: attention_mask_for(cache, key_mask, x.size(1), x.device, window=window)
                  for kind, window in self.windows.items()}
         x = x + self.wpe(position_ids)
         if token_type_ids is not None:

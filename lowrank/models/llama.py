@@ -281,10 +281,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, inputs_embeds, position_ids, key_mask, cache):
         """input_ids (B, T) or inputs_embeds (B, T, C); position_ids (B or 1, T), the rotary positions;
-        key_mask: None or (B, n_past + T) -> hidden states (B, T, C)."""
+        key_mask: None or (B, n_past + T), (B, L) with a StaticCache -> hidden states (B, T, C)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        n_keys = (cache.length if cache is not None else 0) + x.size(1)
-        masks = {w: attention_mask_for(key_mask, x.size(1), n_keys, x.device, window=w) for w in set(self.windows)}
+        masks = {w: attention_mask_for(cache, key_mask, x.size(1), x.device, window=w) for w in set(self.windows)}
         rotary = self.rotary_emb(position_ids, x.dtype)
         for layer, window in zip(self.layers, self.windows):
             x = layer(x, rotary, *masks[window], cache)

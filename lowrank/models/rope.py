@@ -82,15 +82,19 @@ def llama3_inverse_frequencies(inv_freq: torch.Tensor, params: dict) -> torch.Te
     return torch.where(is_medium, smoothed, scaled)
 
 
-def inverse_frequencies(params: dict, dim: int, max_positions: int, seq_len: int = 0, device=None) -> torch.Tensor:
+def inverse_frequencies(params: dict, dim: int, max_positions: int, seq_len=0, device=None) -> torch.Tensor:
     """The rotation frequencies (dim / 2,) float32 of rope_parameters `params`; seq_len: the sequence length
-    the forward sees (dynamic scaling only)."""
+    the forward sees, an int or a 0-d long tensor (dynamic scaling only)."""
     rope_type, theta = params["rope_type"], params["rope_theta"]
     if rope_type == "dynamic":
-        if seq_len > max_positions:
-            theta = dynamic_theta(theta, params["factor"], torch.tensor(seq_len, device=device), max_positions, dim)
-        else:
-            theta = dynamic_theta(theta, params["factor"], max_positions, max_positions, dim)
+        # Both frequency sets, selected on the device: choosing in Python would read seq_len, a host sync
+        # (and a graph break under torch.compile).
+        seq_len = torch.as_tensor(seq_len, device=device)
+        short = default_inverse_frequencies(dynamic_theta(theta, params["factor"], max_positions, max_positions, dim),
+                                            dim, device)
+        long = default_inverse_frequencies(dynamic_theta(theta, params["factor"], seq_len, max_positions, dim),
+                                           dim, device)
+        return torch.where(seq_len > max_positions, long, short)
     inv_freq = default_inverse_frequencies(theta, dim, device)
     if rope_type == "linear":
         inv_freq = inv_freq / params["factor"]
@@ -123,7 +127,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         dynamic = self.rope_parameters["rope_type"] == "dynamic"
-        seq_len = int(position_ids.max()) + 1 if dynamic else 0  # a host sync, for dynamic scaling only
+        seq_len = position_ids.max() + 1 if dynamic else 0
         inv_freq = inverse_frequencies(self.rope_parameters, self.head_dim, self.max_position_embeddings, seq_len,
                                        position_ids.device)
         angles = position_ids[..., None].float() * inv_freq

@@ -6,7 +6,7 @@ docs/formats.md section B; parameter names equal `T5ForConditionalGeneration`'s 
 """
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -14,9 +14,10 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .activations import ACTIVATIONS
-from .cache import ConcatCache, KVCache, past_length
+from .cache import ConcatCache, KVCache, StaticCache, past_length, static_cache_len
 from .config import ModelConfig
 from .inputs import check_attention_mask, check_embeddings, check_inputs, check_mask, check_token_ids
+from .masks import slots
 from .outputs import ModelOutput
 from .pretrained import PreTrainedModel
 
@@ -254,12 +255,10 @@ class T5Stack(nn.Module):
         B, T = check_inputs(input_ids, inputs_embeds, self.embed_tokens.num_embeddings,
                             self.embed_tokens.embedding_dim, names)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        dev = x.device
-        past_len = cache.length if cache is not None else 0
+        query_pos, key_pos = slots(cache, T, x.device)
+        n_past = key_pos.size(0) - T  # a StaticCache's slots after these count too
         mask_name = "decoder_attention_mask" if self.is_decoder else "attention_mask"
-        check_attention_mask(attention_mask, mask_name, (B, past_len + T), f"batch, {past_len} past + {T} new tokens")
-        query_pos = torch.arange(past_len, past_len + T, device=dev)
-        key_pos = torch.arange(past_len + T, device=dev)
+        check_attention_mask(attention_mask, mask_name, (B, n_past + T), f"batch, {n_past} past + {T} new tokens")
         bias = self.block[0].layer[0].SelfAttention.compute_bias(query_pos, key_pos).to(x.dtype)
         if self.is_decoder:
             bias = bias.masked_fill(key_pos[None, :] > query_pos[:, None], torch.finfo(x.dtype).min)
@@ -279,18 +278,29 @@ class T5Stack(nn.Module):
         return F.dropout(self.final_layer_norm(x), self.dropout, self.training)
 
 
+def padded_encoder_keys(cross: list, attention_mask, length: int) -> tuple:
+    """Per layer the cross (k, v), each (B, H, T_enc, d_kv), and attention_mask (B, T_enc) or None, padded
+    with masked keys to `length`: (cross, mask (B, length)). A masked key gets exactly zero weight, and
+    encoder inputs of other lengths then give a compiled decode step the same shapes."""
+    k = cross[0][0]
+    mask = torch.ones(k.shape[0], k.shape[2], dtype=torch.long, device=k.device) if attention_mask is None \
+        else attention_mask
+    pad = length - k.shape[2]
+    return [tuple(F.pad(t, (0, 0, 0, pad)) for t in kv) for kv in cross], F.pad(mask, (0, pad))
+
+
 @dataclass
 class T5Cache:
     """Generation state: the encoder attention_mask (B, T_enc) or None, per decoder layer the encoder output's
-    cross-attention (k, v), computed once, and the decoder's self K/V (a models.cache.KVCache)."""
+    cross-attention (k, v), computed once, and the decoder's self K/V (a models.cache.KVCache or StaticCache)."""
 
     attention_mask: Optional[torch.Tensor]
     cross: list
-    self_attention: KVCache
+    self_attention: Union[KVCache, StaticCache]
 
     @property
     def past_key_values(self) -> list:
-        """What is held, in forward's layout: per layer (self_k, self_v, cross_k, cross_v), views."""
+        """What a KVCache holds, in forward's layout: per layer (self_k, self_v, cross_k, cross_v), views."""
         n, cache = self.self_attention.length, self.self_attention
         return [(cache.k[i, :, :, :n], cache.v[i, :, :, :n], *kv) for i, kv in enumerate(self.cross)]
 
@@ -401,18 +411,26 @@ class T5ForConditionalGeneration(PreTrainedModel):
         return torch.full((input_ids.shape[0], 1), self.config.decoder_start_token_id,
                           dtype=torch.long, device=input_ids.device)
 
-    def prefill(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None):
+    def prefill(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None,
+                cache_implementation="dynamic", max_new_tokens=0, max_cache_len=None):
         """Runs the encoder once on input_ids (B, T_enc) or inputs_embeds (B, T_enc, d_model), projects its
         cross K/V once, and runs the decoder on the start token -> (T5Cache, logits (B, V)).
         past_key_values: a learned decoder prefix in forward's layout (cross K/V may be None), which the start
-        token and every later token attend to."""
+        token and every later token attend to. cache_implementation "static": the decoder's self K/V in a
+        StaticCache with room for max_new_tokens more (models.cache.static_cache_len)."""
         enc = self.encoder(input_ids, inputs_embeds, attention_mask)
         c, layers = self.config, self.config.num_decoder_layers
         P = past_length(past_key_values, layers, enc.shape[0], c.num_heads, c.d_kv)
-        cache = KVCache(layers, enc.shape[0], c.num_heads, c.d_kv, max(64, 2 * (P + 1)), enc.dtype, enc.device)
+        cross = self.decoder.cross_key_values(enc, [kv[2:] for kv in past_key_values or ()])
+        if cache_implementation == "static":
+            length = static_cache_len(P + 1 + max(max_new_tokens - 1, 0), max_cache_len)
+            cache = StaticCache(layers, enc.shape[0], c.num_heads, c.d_kv, length, enc.dtype, enc.device)
+            keys = static_cache_len(enc.shape[1], minimum=16)
+            cross, attention_mask = padded_encoder_keys(cross, attention_mask, keys)
+        else:
+            cache = KVCache(layers, enc.shape[0], c.num_heads, c.d_kv, max(64, 2 * (P + 1)), enc.dtype, enc.device)
         cache.load(past_key_values)
-        state = T5Cache(attention_mask, self.decoder.cross_key_values(enc, [kv[2:] for kv in past_key_values or ()]),
-                        cache)
+        state = T5Cache(attention_mask, cross, cache)
         return state, self._decode(state, self.generation_prefix(enc))
 
     def decode_step(self, cache: T5Cache, tokens):
@@ -421,7 +439,8 @@ class T5ForConditionalGeneration(PreTrainedModel):
 
     def _decode(self, state: T5Cache, tokens):
         """tokens (B, 1) -> next-token logits (B, V), the self K/V cache extended in place."""
-        state.self_attention.reserve(1)
+        if isinstance(state.self_attention, KVCache):
+            state.self_attention.reserve(1)
         y = self.decoder(tokens, attention_mask=None, encoder_attention_mask=state.attention_mask,
                          cache=state.self_attention, cross=state.cross)
         state.self_attention.advance(1)
