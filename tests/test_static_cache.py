@@ -22,7 +22,7 @@ from torch._dynamo.utils import counters
 from examples.common import tiny_gpt2 as tiny_gpt2_for
 from lowrank import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from lowrank.cli import main
-from lowrank.models import inputs, word_tokenizer
+from lowrank.models import word_tokenizer
 from lowrank.models.cache import KVCache, StaticCache, static_cache_len
 from lowrank.models.masks import attention_mask_for
 
@@ -33,10 +33,6 @@ AOT = {"backend": "aot_eager"}
 STEPS = 64
 # Room for a prompt and STEPS new tokens; Llama's max_position_embeddings stays 64, so dynamic RoPE scales.
 POSITIONS = {"gpt2": dict(n_positions=96), "gpt_neo_window": dict(max_position_embeddings=96)}
-# T5Stack.forward's token-id check reads values (a graph break) until main's input checks skip that under
-# torch.compile (lowrank.models.inputs.values_checked, issue 27).
-T5_FULLGRAPH = pytest.mark.xfail(not hasattr(inputs, "values_checked"), strict=True,
-                                 reason="T5's input checks break the graph until inputs.values_checked lands")
 
 
 @functools.cache
@@ -122,7 +118,6 @@ def test_compiled_decode_is_one_graph_over_steps_and_prompts_and_gives_the_eager
     assert_one_graph_no_recompiles()
 
 
-@T5_FULLGRAPH
 def test_t5_compiled_decode_is_one_graph_over_encoder_lengths_and_gives_the_eager_tokens():
     """Encoder inputs of 7, 9 and 12 tokens: the cross keys are padded to 16 for one shape."""
     model = tiny_t5(eos_token_id=0)
