@@ -158,6 +158,20 @@ def test_lora_compiled_decode_is_one_graph_and_gives_the_eager_tokens():
     assert_one_graph_no_recompiles()
 
 
+def test_mixed_adapter_compiled_decode_is_one_graph_and_gives_the_eager_tokens():
+    """adapter_names: each row its own adapter (or the base) through every compiled step."""
+    peft = with_random_lora(tiny_gpt2(n_positions=96))
+    peft.add_adapter("other", LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    ids, mask = prompts((3, 7, 5), vocab=64)
+    names = ["other", "default", "__base__"]
+    eager = peft.generate(ids, mask, max_new_tokens=STEPS, adapter_names=names)
+    assert len({tuple(row) for row in eager[:, -STEPS:].tolist()}) == 3  # three different continuations
+    compiled = peft.generate(ids, mask, max_new_tokens=STEPS, adapter_names=names, cache_implementation="static",
+                             compile=AOT)
+    assert torch.equal(compiled, eager)
+    assert_one_graph_no_recompiles()
+
+
 @pytest.mark.parametrize("config", [PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
                                     PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")],
                          ids=["prefix", "prompt"])
