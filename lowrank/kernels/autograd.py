@@ -174,29 +174,24 @@ def _setup_batched_context(ctx, inputs, output):
 
 
 def _batched_backward(ctx, dy: Tensor, _dxa: Tensor):
-    """Per row m with adapter i (g = dY @ B_i.T): dX as in the single-adapter case, on
-    the transposed stacks; dA_i and dB_i sum over the rows of adapter i, one
-    contiguous segment of the sorted order each."""
+    """Per row m with adapter i (g = dY @ B_i.T): dX as in the single-adapter case, on the transposed
+    stacks; dA_i and dB_i sum over the rows of adapter i. All adapters at once: g and xa (M, r) spread to
+    n * r columns, each row's own adapter's r of them kept and the rest zeroed (kernels.torch_path's
+    lora_batched_fwd_torch does the same), so one product serves every adapter: no loop over the adapters
+    present, no host sync, nothing data-dependent to trace."""
     x, w, a_stack, b_stack, scales, order, idx_sorted, xa = ctx.saved_tensors
     need_dx, need_dw, need_da, need_db = ctx.needs_input_grad[:4]
     dx, g = lora_matmul_batched_op(dy, w.T, b_stack.transpose(1, 2), a_stack.transpose(1, 2),
                                    scales, order, idx_sorted, None)
-    da = torch.zeros_like(a_stack) if need_da else None
-    db = torch.zeros_like(b_stack) if need_db else None
+    da = db = None
     if need_da or need_db:
-        counts = torch.bincount(idx_sorted.long() + 1, minlength=a_stack.shape[0] + 1).tolist()
-        start = counts[0]  # base-only rows sort first
-        for i, count in enumerate(counts[1:]):
-            if count == 0:
-                continue
-            seg = slice(start, start + count)
-            rows = order[seg]
-            s = scales[i].to(x.dtype)
-            if need_da:
-                da[i] = (x.index_select(0, rows).T @ g[seg]) * s
-            if need_db:
-                db[i] = (xa[seg].T @ dy.index_select(0, rows)) * s
-            start += count
+        n, K, r = a_stack.shape
+        own = idx_sorted[:, None] == torch.arange(n, device=x.device).repeat_interleave(r)  # (M, n r), sorted rows
+        scale = scales.to(x.dtype)[:, None, None]
+        if need_da:
+            da = (x.index_select(0, order).T @ (g.repeat(1, n) * own)).view(K, n, r).transpose(0, 1) * scale
+        if need_db:
+            db = ((xa.repeat(1, n) * own).T @ dy.index_select(0, order)).view(n, r, -1) * scale
     dw = x.T @ dy if need_dw else None
     dbias = dy.sum(0) if ctx.needs_input_grad[7] else None
     return dx if need_dx else None, dw, da, db, None, None, None, dbias
