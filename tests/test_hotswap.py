@@ -163,8 +163,7 @@ def test_a_mixed_batch_reads_a_prepared_scaling_after_set_scale(saved):
 def compiled(model, backend="aot_eager"):
     torch._dynamo.reset()
     counters.clear()
-    # TODO(lead): fullgraph=True once the input checks no longer break the graph on main
-    return torch.compile(model, backend=backend)
+    return torch.compile(model, backend=backend, fullgraph=True)
 
 
 @pytest.mark.slow
@@ -180,6 +179,22 @@ def test_a_compiled_model_swaps_adapters_without_a_new_graph(saved):
         if isinstance(m, LoraLayer):
             m.set_scale("default", 0.5)
     logits(fast, "gpt2")
+    assert unique_graphs() == graphs
+
+
+@pytest.mark.slow
+def test_a_compiled_mixed_batch_swaps_without_a_new_graph(saved):
+    model = loaded(saved, "gpt2", "r2-alpha16", target_rank=4)
+    model.load_adapter(saved["gpt2", "r3-rslora"], "other")
+    prepare_model_for_compiled_hotswap(model, check_compiled="ignore")  # "other"'s scaling too
+    fast, rows = compiled(model), ["other", "default"]
+    with torch.no_grad():
+        fast(**batch("gpt2"), adapter_names=rows)
+        graphs = unique_graphs()
+        hotswap_adapter(fast, saved["gpt2", "r4"], "default")
+        mixed = fast(**batch("gpt2"), adapter_names=rows).logits
+    assert_close_rel(mixed[1], logits(loaded(saved, "gpt2", "r4"), "gpt2")[1])
+    assert_close_rel(mixed[0], logits(loaded(saved, "gpt2", "r3-rslora"), "gpt2")[0])
     assert unique_graphs() == graphs
 
 
