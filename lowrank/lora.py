@@ -160,8 +160,9 @@ class LoraLayer(nn.Module):
     def low_rank_factors(self, names, x_dtype: torch.dtype) -> tuple:
         """(A (in, r), B (r, out), scale) for kernels.lora_matmul: one adapter's views of lora_A.weight.T and
         lora_B.weight.T with its scaling, or several concatenated along the rank with the scalings folded
-        into B and scale 1 (as is a tensor scaling, see lowrank.hotswap). The factors keep their dtype when lora_matmul takes it (x's, or fp32 with a
-        16-bit x) and are otherwise promoted with x's (exactly: e.g. fp16 adapters on an fp32 model)."""
+        into B and scale 1 (as is a tensor scaling, see lowrank.hotswap). The factors keep their dtype when
+        lora_matmul takes it (x's, or fp32 with a 16-bit x) and are otherwise promoted with x's (exactly:
+        e.g. fp16 adapters on an fp32 model)."""
         factors = [(self.lora_A[n].weight.T, self.lora_B[n].weight.T) for n in names]
         dtype = functools.reduce(torch.promote_types, [a.dtype for a, _ in factors], x_dtype)
         if dtype not in (x_dtype, torch.float32):
