@@ -42,11 +42,14 @@ def layer_biases(model: nn.Module, lora_paths, mode: str) -> dict:
 
 def adapter_tensors(model: nn.Module, adapter: str, bias: str) -> dict:
     """{file key: live tensor} of what adapter_model.safetensors holds for `adapter` (docs/formats.md C.2): LoRA
-    factors without the adapter name, module copies under the original module's name, selected biases."""
+    factors without the adapter name (views of their first r ranks: lowrank.hotswap may zero-pad them), module
+    copies under the original module's name, selected biases."""
     out, lora_paths = {}, set()
     for path, m in base_modules(model):
         if isinstance(m, LoraLayer) and adapter in m.lora_A:
-            out[f"{path}.lora_A.weight"], out[f"{path}.lora_B.weight"] = m.lora_A[adapter].weight, m.lora_B[adapter].weight
+            r = m.r[adapter]
+            out[f"{path}.lora_A.weight"] = m.lora_A[adapter].weight[:r]
+            out[f"{path}.lora_B.weight"] = m.lora_B[adapter].weight[:, :r]
             lora_paths.add(path)
     out.update(copy_tensors(model, adapter))
     out.update(layer_biases(model, lora_paths, bias))

@@ -98,14 +98,14 @@ class LoraLayer(nn.Module):
 
     def set_scale(self, adapter: str, scale: float) -> None:
         """scaling = scale * (lora_alpha / r, or / sqrt(r) with rsLoRA), as PEFT's set_scale. A layer
-        without this adapter ignores the call."""
+        without this adapter ignores the call. A tensor scaling (lowrank.hotswap) is written in place."""
         if not is_number(scale):
             raise ValueError(f"scale={scale!r} must be a finite number")
         if adapter not in self.scaling:
             return
         if adapter in self.merged_adapters:
             raise ValueError(f"adapter {adapter!r} is merged; unmerge it before changing its scale")
-        self.scaling[adapter] = scale * lora_scaling(self.lora_alpha[adapter], self.r[adapter], self.use_rslora[adapter])
+        set_scaling(self, adapter, scale * lora_scaling(self.lora_alpha[adapter], self.r[adapter], self.use_rslora[adapter]))
 
     def delete_adapter(self, adapter: str) -> None:
         if adapter in self.merged_adapters:
@@ -160,15 +160,18 @@ class LoraLayer(nn.Module):
     def low_rank_factors(self, names, x_dtype: torch.dtype) -> tuple:
         """(A (in, r), B (r, out), scale) for kernels.lora_matmul: one adapter's views of lora_A.weight.T and
         lora_B.weight.T with its scaling, or several concatenated along the rank with the scalings folded
-        into B and scale 1. The factors keep their dtype when lora_matmul takes it (x's, or fp32 with a
-        16-bit x) and are otherwise promoted with x's (exactly: e.g. fp16 adapters on an fp32 model)."""
+        into B and scale 1 (as is a tensor scaling, see lowrank.hotswap). The factors keep their dtype when
+        lora_matmul takes it (x's, or fp32 with a 16-bit x) and are otherwise promoted with x's (exactly:
+        e.g. fp16 adapters on an fp32 model)."""
         factors = [(self.lora_A[n].weight.T, self.lora_B[n].weight.T) for n in names]
         dtype = functools.reduce(torch.promote_types, [a.dtype for a, _ in factors], x_dtype)
         if dtype not in (x_dtype, torch.float32):
             dtype = x_dtype
         factors = [(a.to(dtype), b.to(dtype)) for a, b in factors]
         if len(factors) == 1:
-            return (*factors[0], self.scaling[names[0]])
+            (a, b), scaling = factors[0], self.scaling[names[0]]
+            # a tensor scaling (lowrank.hotswap) goes into B, so the compiled graph never reads its value
+            return (a, b * scaling, 1.0) if isinstance(scaling, torch.Tensor) else (a, b, scaling)
         A = torch.cat([a for a, _ in factors], dim=1)
         B = torch.cat([b * self.scaling[n] for n, (_, b) in zip(names, factors)], dim=0)
         return A, B, 1.0
@@ -376,3 +379,15 @@ def combine_adapters(layer: LoraLayer, adapters, weights, combination_type: str,
         raise ValueError(f"combination_type={combination_type!r} must be 'svd', 'linear' or 'cat'")
     A[: a.shape[0]], B[:, : b.shape[1]] = a, b
     return A.to(dtype), B.to(dtype)
+
+
+def set_scaling(layer: LoraLayer, adapter: str, value: float) -> None:
+    """layer.scaling[adapter] = value; a tensor scaling (lowrank.hotswap) keeps its storage, so that a compiled
+    graph, which holds the tensor, reads the new value."""
+    scaling = layer.scaling[adapter]
+    if isinstance(scaling, torch.Tensor):
+        with torch.no_grad():
+            scaling.fill_(value)
+        layer._stacks = None  # the mixed-batch cache keys on the scaling object, unchanged by fill_
+    else:
+        layer.scaling[adapter] = value

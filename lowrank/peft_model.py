@@ -17,7 +17,8 @@ from . import io
 from .checks import is_count, is_number
 from .errors import CheckpointError
 from .files import checked_name
-from .config import PeftConfig
+from .hotswap import check_swap, swap_in
+from .config import LoraConfig, PeftConfig
 from .lora import BASE, LoraLayer, ModulesToSaveWrapper
 from .methods import method_for
 
@@ -222,13 +223,31 @@ class PeftModel(nn.Module):
         peft._copy_in(adapter_name, tensors)
         return peft
 
-    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add the adapter saved at `model_id` under `adapter_name` (not activated, as in PEFT)."""
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, hotswap: bool = False) -> None:
+        """Add the adapter saved at `model_id` under `adapter_name` (not activated, as in PEFT).
+
+        hotswap=True: replace the loaded LoRA adapter `adapter_name` in place instead (transformers' and
+        diffusers' flag, PEFT's hotswap_adapter; see lowrank.hotswap): its parameters keep their identity and
+        shapes, so a compiled model does not recompile. The new adapter must target the same modules, with
+        ranks up to the loaded one's (padded: prepare_model_for_compiled_hotswap) and the same scalings unless
+        the model was prepared; otherwise ValueError, before anything changes."""
         checked_name(adapter_name, "adapter name")
         _check_flag("is_trainable", is_trainable)
+        _check_flag("hotswap", hotswap)
+        if hotswap:
+            self._check_names([adapter_name])
+            _check_lora(adapter_name, self.peft_config[adapter_name], "loaded")
         config, tensors = _read_checked(self.get_base_model(), model_id, is_trainable)
-        self.add_adapter(adapter_name, config)
-        self._copy_in(adapter_name, tensors)
+        if not hotswap:
+            self.add_adapter(adapter_name, config)
+            self._copy_in(adapter_name, tensors)
+            return
+        _check_lora(model_id, config, "new")
+        live = self.adapter_tensors(adapter_name)
+        config, plan = check_swap(self.get_base_model(), adapter_name, config, tensors, live, model_id)
+        swap_in(self.get_base_model(), adapter_name, config, plan, tensors, live)
+        self.peft_config[adapter_name] = config
+        self._sync()
 
     @torch.no_grad()
     def _copy_in(self, adapter_name: str, tensors: dict) -> None:
@@ -252,6 +271,11 @@ def _for_task(model: nn.Module, config):
                          f"head), not a {type(model).__name__}; load it with models.from_pretrained(path, "
                          f"task_type='SEQ_CLS')")
     return config
+
+
+def _check_lora(source, config, which: str) -> None:
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"{source}: hotswap replaces LoRA adapters; the {which} adapter is {config.peft_type}")
 
 
 def _check_flag(name: str, value) -> None:
