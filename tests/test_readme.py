@@ -1,6 +1,6 @@
-"""README.md as a newcomer meets it: its first Python block runs as written in an empty folder, it names
-exactly the two commands that .ci/run and a newcomer copy, and what pip installs claims no generic
-top-level import name (`kernels` and `models` are other distributions')."""
+"""README.md as a newcomer meets it: its first Python block and the compiled one run as written in an empty
+folder, it names exactly the two commands that .ci/run and a newcomer copy, and what pip installs claims no
+generic top-level import name (`kernels` and `models` are other distributions')."""
 import json
 import re
 import subprocess
@@ -23,6 +23,15 @@ def test_the_first_python_block_runs_as_written_in_an_empty_folder(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "adapters" / "animals" / "adapter_model.safetensors").is_file()
     assert result.stdout.count("trainable params") == 2
+
+
+@pytest.mark.slow
+def test_the_compiled_block_runs_as_written_in_an_empty_folder(tmp_path):
+    """The '## Compiled' section's block: torch.compile's defaults (Inductor's C++ backend here)."""
+    snippet = re.search(r"## Compiled\n.*?```python\n(.*?)```", README, re.S).group(1)
+    result = run_python(snippet, tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "adapters" / "first" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("marker", ["bench-command", "test-command"])
