@@ -138,7 +138,8 @@ def _record_target(launches: list, target: int, sites, dtypes, K: int, N: int, s
                 f"dx-{phase}": lambda: lora_triton.lora_fwd(dy, w.T, b.T, a.T, 2.0, None),
                 f"dx-{phase}-dropout": lambda: lora_triton.lora_fwd(dy, w.T, b.T, a.T, 2.0, None, 0.1, seed,
                                                                     DROPOUT_OUTPUT),
-                f"da-{phase}-dropout": lambda: lora_triton.dropped_t_matmul(x, _meta(M, R, dtype=lora_dtype), 0.1, seed),
+                f"da-{phase}-dropout": lambda: lora_triton.dropped_t_matmul(x, _meta(M, R, dtype=lora_dtype), 0.1,
+                                                                            seed),
             }
             if lora_dtype == dtype:  # mixed-adapter batches take one dtype
                 stacks = _meta(ADAPTERS, K, R, dtype=dtype), _meta(ADAPTERS, R, N, dtype=dtype)

@@ -41,7 +41,8 @@ import triton.language as tl
 
 from . import split_k, tile_configs
 from .tiles import (dot_precision, filled_without_launch, fused_outputs, grouped_tile, k_loop, keep_scale,
-                    launch_tiles, load_seed, rank_block, seed_pointer, rank_product, shrink_blocks, store_tile, tuned, write_output)
+                    launch_tiles, load_seed, rank_block, rank_product, seed_pointer, shrink_blocks, store_tile,
+                    tuned, write_output)
 from .torch_path import DROPOUT_INPUT, DROPOUT_OUTPUT, NO_DROPOUT
 
 
@@ -132,8 +133,9 @@ def lora_fwd(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
 def shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor, dropout_p: float = 0.0, seed=None,
            mask_strides=(0, 0)) -> torch.Tensor:
     """out (M, r) = D @ a for x (M, K), a (K, r), any strides, K > 0; D = x, or with dropout_p > 0 x times
-    the mask of `seed` (a (1,) int64 tensor), whose index for x[m, k] is m * mask_strides[0] + k * mask_strides[1]. Used for xa
-    in the forward and, on transposed views, for dA = D.T @ g in the backward."""
+    the mask of `seed` (a (1,) int64 tensor), whose index for x[m, k] is m * mask_strides[0] +
+    k * mask_strides[1]. Used for xa in the forward and, on transposed views, for dA = D.T @ g in the
+    backward."""
     M, K = x.shape
     R = a.shape[1]
     block_m, block_k = shrink_blocks(M)

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from . import tile_configs
 from .tiles import (INTERPRET_BLOCKS, dot_precision, grouped_tile, interpreting, k_loop, keep_scale, launch_tiles,
-                    load_seed, rank_block, seed_pointer, store_tile, sum_splits, tile_count, tile_ptrs, tuned, write_output)
+                    load_seed, rank_block, seed_pointer, store_tile, sum_splits, tile_count, tile_ptrs, tuned,
+                    write_output)
 from .torch_path import DROPOUT_INPUT, DROPOUT_OUTPUT
 
 # Ranks above this take the prefill path at any M: the epilogue holds all of xa's rank in registers.
