@@ -12,7 +12,7 @@ import random
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -109,6 +109,51 @@ def time_gpu(fns: Dict[str, Callable[[], object]]) -> Dict[str, List[float]]:
             for name, fn in fns.items()}
 
 
+def read_bandwidth(device: str = "cpu", nbytes: int = 512 << 20, repeats: int = 20) -> float:
+    """Bytes per second that summing one fp32 tensor of nbytes reads on `device`: the median of `repeats`
+    sums after a warm-up. Far larger than any cache, so it is the memory's read rate, the denominator of a
+    bandwidth-bound floor (a decode step reads every weight once)."""
+    x = torch.ones(nbytes // 4, device=device)
+    if x.is_cuda:
+        ms = time_gpu({"sum": x.sum})["sum"][0]
+    else:
+        ms = interleaved({"sum": x.sum}, warmup=1, repeats=repeats)["sum"][0]
+    return nbytes / ms * 1e3
+
+
+def save_lora_checkpoint(transformers, peft, folder: str, kind: str, shape: dict, config_kwargs: dict, lora: dict,
+                         lora_b_std: float = 0.0) -> None:
+    """Write into folder base/ (a `kind` causal LM of `shape` and config_kwargs, random weights, transformers'
+    files) and adapter/ (peft's LoRA of `lora` kwargs on it; B drawn from N(0, lora_b_std) when > 0, so that
+    the adapter changes the output, else peft's zeros). Seeded: the same arguments give the same files."""
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(kind, **shape, **config_kwargs, bos_token_id=0, eos_token_id=0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(f"{folder}/base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(f"{folder}/base")
+    theirs = peft.get_peft_model(base, peft.LoraConfig(**lora, task_type="CAUSAL_LM"))
+    if lora_b_std > 0:
+        with torch.no_grad():
+            for name, p in theirs.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=lora_b_std)
+    theirs.save_pretrained(f"{folder}/adapter")
+
+
+def load_lora_pair(transformers, peft, folder: str, train: bool, dtype=None, device="cpu") -> tuple:
+    """(ours, theirs): lowrank's and peft's PeftModel of save_lora_checkpoint's folder, the same weights in
+    `dtype` (None: the files') on `device`, in train mode with a trainable adapter when `train`, else eval."""
+    import lowrank
+    from lowrank import models
+
+    ours = lowrank.PeftModel.from_pretrained(models.from_pretrained(f"{folder}/base", dtype=dtype, device=device),
+                                             f"{folder}/adapter", is_trainable=train)
+    base = transformers.AutoModelForCausalLM.from_pretrained(f"{folder}/base", dtype=dtype).to(device)
+    theirs = peft.PeftModel.from_pretrained(base, f"{folder}/adapter", is_trainable=train)
+    for model in (ours, theirs):
+        model.train(train)
+    return ours, theirs
+
+
 def run_info() -> Dict[str, str]:
     """Device, versions, git sha and date recorded with every result row."""
     try:
@@ -141,16 +186,19 @@ def write_json(path: str, info: Dict[str, str], rows: List[dict]) -> None:
     os.replace(tmp, path)
 
 
-def cpu_comparison_args(description: str, name: str, repeats_help: str, default_repeats: int, argv=None):
+def cpu_comparison_args(description: str, name: str, repeats_help: str, default_repeats: int, argv=None,
+                        add_arguments: Optional[Callable] = None):
     """(args, mode, repeats) of a CPU benchmark against transformers: --model (a DECODER_SHAPES model type,
     default gpt2), --quick (mode "quick", 3 repeats; else "full", default_repeats), --threads (set here),
-    --repeats, --json (default bench/out/<name>[_<model>].json). transformers is imported here with its
-    logging and progress bars quieted."""
+    --repeats, --json (default bench/out/<name>[_<model>].json), and what add_arguments(parser) adds.
+    transformers is imported here with its logging and progress bars quieted."""
     import argparse
 
     import transformers
 
     parser = argparse.ArgumentParser(description=description)
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument("--model", choices=sorted(DECODER_SHAPES), default="gpt2", help="model type (default gpt2)")
     parser.add_argument("--quick", action="store_true", help="tiny model and inputs (smoke test)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
