@@ -12,9 +12,8 @@ Each in four variants: ours and transformers + peft, eager and compiled. Compile
 `model.generate(ids, max_new_tokens=n, cache_implementation="static", compile=True)` and transformers'
 `generate(ids, ..., cache_implementation="static", compile_config=CompileConfig(...))` (on a CPU its compile
 must be asked for with `compile_config._compile_all_devices = True`; on CUDA a static cache compiles by
-itself, in its default mode="reduce-overhead": CUDA graphs). Until our static-cache generate exists, its row
-says so and a stand-in is timed (DYNAMIC): our generate with the model's decoder stack compiled in place
-(`nn.Module.compile`), on our growing KV cache. The compiles start from an empty Inductor cache.
+itself, in its default mode="reduce-overhead": CUDA graphs; ours picks the same there). The compiles start
+from an empty Inductor cache.
 
 Random weights (no download) of GPT-2 small (--model gpt2) or SmolLM-135M's shape (--model llama), LoRA r=8 on
 bench/lora_train_cpu.TARGETS with a random B; fp32 on a CPU (Inductor's C++ backend), bf16 on CUDA. The
@@ -45,7 +44,6 @@ SIZES = {"full": dict(prefill=512, prompt=64, new=33, train=[2, 128]),
          "quick": dict(prefill=32, prompt=8, new=5, train=[2, 16])}
 LORA_DROPOUT = 0.05
 LORA_B_STD = 0.02  # a trained-looking adapter: it moves the logits, so the agreement checks see it
-DYNAMIC = "ours compiled, dynamic cache"  # the stand-in until ours compiled decode runs
 
 
 def synchronize(device):
@@ -62,11 +60,9 @@ def prefill_fns(pair, ids, backend: str) -> dict:
             "peft compiled": lambda: theirs_c(ids, use_cache=False).logits}
 
 
-def decode_fns(transformers, pair, stand_in, prompt, backend: str, device: str) -> dict:
-    """{variant: fn(n) -> (1, prompt + n) greedy tokens}; stand_in: a second copy of ours, whose decoder stack
-    is compiled here in place (DYNAMIC)."""
+def decode_fns(transformers, pair, prompt, backend: str, device: str) -> dict:
+    """{variant: fn(n) -> (1, prompt + n) greedy tokens}."""
     ours, theirs = pair
-    stand_in.get_base_model().body.compile(backend=backend)
     config = transformers.CompileConfig(backend=backend)
     config._compile_all_devices = device == "cpu"  # transformers compiles on CPUs only when told to
     greedy = dict(do_sample=False, cache_implementation="static")
@@ -74,7 +70,6 @@ def decode_fns(transformers, pair, stand_in, prompt, backend: str, device: str) 
     return {"ours eager": lambda n: ours.generate(prompt, max_new_tokens=n),
             "ours compiled": lambda n: ours.generate(prompt, max_new_tokens=n, cache_implementation="static",
                                                      compile=ours_compile),
-            DYNAMIC: lambda n: stand_in.generate(prompt, max_new_tokens=n),
             "peft eager": lambda n: theirs.generate(prompt, max_new_tokens=n, min_new_tokens=n, **greedy,
                                                     disable_compile=True),
             "peft compiled": lambda n: theirs.generate(prompt, max_new_tokens=n, min_new_tokens=n, **greedy,
@@ -90,20 +85,12 @@ def train_fns(eager, compiled, ids, backend: str) -> dict:
 
 def first_calls(fns: dict, device: str) -> tuple:
     """({variant: (seconds, graphs compiled) of its first call}, {variant: its output}): a compiled variant's
-    first call is its compile, into one graph unless something breaks it. A variant whose API does not exist
-    yet (TypeError: unexpected keyword) is dropped from fns and its error kept as its output."""
+    first call is its compile, into one graph unless something breaks it."""
     firsts, outputs = {}, {}
-    for name in list(fns):
+    for name in fns:
         counters.clear()
         start = time.perf_counter()
-        try:
-            outputs[name] = fns[name]()
-        except TypeError as e:
-            if "unexpected keyword argument" not in str(e):
-                raise
-            outputs[name] = f"not yet runnable: {e}"
-            del fns[name]
-            continue
+        outputs[name] = fns[name]()
         synchronize(device)
         firsts[name] = (time.perf_counter() - start, counters["stats"]["unique_graphs"])
     return firsts, outputs
@@ -112,7 +99,7 @@ def first_calls(fns: dict, device: str) -> tuple:
 def check_agreement(outputs: dict, what: str, distance, tolerance: float) -> dict:
     """{variant: distance(its output, ours eager's)} over the tensor outputs; SystemExit above tolerance."""
     reference = outputs["ours eager"]
-    distances = {name: distance(out, reference) for name, out in outputs.items() if isinstance(out, torch.Tensor)}
+    distances = {name: distance(out, reference) for name, out in outputs.items()}
     if max(distances.values()) > tolerance:
         raise SystemExit(f"{what} disagree with ours eager's: {distances}")
     return distances
@@ -124,16 +111,13 @@ tokens_differing = lambda a, b: int((a != b).sum())
 
 def workload_rows(workload: str, times: dict, firsts: dict, outputs: dict, tokens: int, checks: dict) -> list:
     """One JSON row per variant: median, p20 and p80 ms per `tokens`, tokens/s, the first call's seconds and
-    graphs compiled, and checks ({name: {variant: value}}); a variant that could not run gets its reason as
-    `status`."""
+    graphs compiled, and checks ({name: {variant: value}})."""
     rows = []
-    for name, out in outputs.items():
-        row = dict(workload=workload, variant=name, status="ok" if name in times else out)
-        if name in times:
-            median, p20, p80 = times[name]
-            row.update(median_ms=median, p20_ms=p20, p80_ms=p80, tokens_per_s=tokens / median * 1e3,
-                       first_call_s=firsts[name][0], graphs=firsts[name][1])
-            row.update({check: values[name] for check, values in checks.items()})
+    for name in outputs:
+        median, p20, p80 = times[name]
+        row = dict(workload=workload, variant=name, median_ms=median, p20_ms=p20, p80_ms=p80,
+                   tokens_per_s=tokens / median * 1e3, first_call_s=firsts[name][0], graphs=firsts[name][1])
+        row.update({check: values[name] for check, values in checks.items()})
         rows.append(row)
     return rows
 
@@ -155,7 +139,7 @@ def decode_rows(transformers, peft, folder, run) -> list:
     new = run["sizes"]["new"]
     prompt = torch.randint(0, run["vocab"], (1, run["sizes"]["prompt"]), device=run["device"])
     load = lambda: load_lora_pair(transformers, peft, folder, False, run["dtype"], run["device"])
-    generate = decode_fns(transformers, load(), load()[0], prompt, run["backend"], run["device"])
+    generate = decode_fns(transformers, load(), prompt, run["backend"], run["device"])
     firsts, outputs = first_calls({name: (lambda f=f: f(new)) for name, f in generate.items()}, run["device"])
     differing = check_agreement(outputs, "greedy tokens", tokens_differing, run["token_tolerance"])
     times = run["timer"]({(name, n): (lambda f=generate[name], n=n: f(n)) for name in firsts for n in (new, 1)})
@@ -231,19 +215,14 @@ def print_table(args, info, rows, shape) -> None:
           f"{info['device']}, torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}; "
           f"read bandwidth {info['read_bandwidth_GB_s']} GB/s, decode floor {info['decode_floor_ms']} ms/token")
     print(f"{'workload':<9}{'variant':<30}{'ms':>10}{'p20-p80':>18}{'tokens/s':>10}{'first call s':>13}{'graphs':>8}")
-    ok = {(r["workload"], r["variant"]): r for r in rows if r["status"] == "ok"}
+    by = {(r["workload"], r["variant"]): r for r in rows}
     for r in rows:
-        if r["status"] != "ok":
-            print(f"{r['workload']:<9}{r['variant']:<30}  {r['status'][:80]}")
-            continue
         print(f"{r['workload']:<9}{r['variant']:<30}{r['median_ms']:>10.2f}{r['p20_ms']:>9.2f}-{r['p80_ms']:<8.2f}"
               f"{r['tokens_per_s']:>10.1f}{r['first_call_s']:>13.1f}{r['graphs']:>8}")
-    compiled = lambda w: "ours compiled" if (w, "ours compiled") in ok else DYNAMIC
-    ratios = lambda other: ", ".join(f"{w} {ok[(w, other)]['median_ms'] / ok[(w, compiled(w))]['median_ms']:.2f}x"
+    ratios = lambda other: ", ".join(f"{w} {by[(w, other)]['median_ms'] / by[(w, 'ours compiled')]['median_ms']:.2f}x"
                                      for w in ("prefill", "decode", "train"))
     print(f"{args.model} ours compiled (>1 = faster) vs ours eager: {ratios('ours eager')}; vs peft compiled: "
-          f"{ratios('peft compiled')}; decode at {ok[('decode', compiled('decode'))]['x_floor']:.2f}x the memory "
-          f"floor" + ("" if compiled("decode") == "ours compiled" else f" (decode: {DYNAMIC})"))
+          f"{ratios('peft compiled')}; decode at {by[('decode', 'ours compiled')]['x_floor']:.2f}x the memory floor")
 
 
 if __name__ == "__main__":

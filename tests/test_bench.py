@@ -68,11 +68,7 @@ def test_compiled_quick(tmp_path):
     rows = compiled.main(args)
     assert rows == rows_of(tmp_path / "out.json")
     variants = ["ours eager", "ours compiled", "peft eager", "peft compiled"]
-    assert [(r["workload"], r["variant"]) for r in rows] == (
-        [("prefill", v) for v in variants] + [("decode", v) for v in variants[:2] + [compiled.DYNAMIC] + variants[2:]]
-        + [("train", v) for v in variants])
-    timed = [r for r in rows if r["status"] == "ok"]
-    # Ours compiled decode runs once its static-cache generate exists; until then its row says why not.
-    assert all(r in timed or r["status"].startswith("not yet runnable")
-               for r in rows if r["variant"] == "ours compiled")
-    assert all(r["median_ms"] > 0 and r["graphs"] >= ("compiled" in r["variant"]) for r in timed)
+    assert [(r["workload"], r["variant"]) for r in rows] == [(w, v) for w in ("prefill", "decode", "train")
+                                                              for v in variants]
+    assert all(r["median_ms"] > 0 and r["graphs"] == ("compiled" in r["variant"]) for r in rows
+               if r["variant"].startswith("ours"))  # ours compiled: one graph, no break
